@@ -1,0 +1,226 @@
+"""Linear transforms: learnable invertible matrices and fixed permutations of the features."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.linalg import householder_product, solve_triangular
+
+from .base import FlowTransform
+from .elementwise import _batch, _check_dim
+
+__all__ = ["LULinear", "Permutation", "QRLinear", "Reverse"]
+
+
+def _rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
+    """Flatten ``(*batch, dim)`` to ``(n, dim)`` for the triangular solves."""
+    return v.reshape(-1, v.shape[-1]), v.shape
+
+
+class LULinear(FlowTransform):
+    """Linear map ``W = P L U`` with a fixed permutation and learnable triangular factors.
+
+    ``P`` is a fixed permutation, ``L`` unit lower triangular and ``U`` upper triangular with
+    diagonal ``diag_sign * exp(log_diag)`` (``diag_sign`` is fixed: all +1 unless initialised from a
+    rotation).
+
+    * map: ``y = W x``
+    * inverse: ``x = U⁻¹ L⁻¹ Pᵀ y`` by two triangular solves, O(dim²) per point
+    * log|det J|: ``sum(log_diag)``, O(dim) and independent of ``x``
+
+    The forward direction is a matrix product, the inverse two triangular solves; both are one
+    pass. ``init="identity"`` (the default) starts at ``W = I``; ``init="rotation"`` starts at a
+    random rotation through its LU decomposition, as Glow does.
+
+    Args:
+        dim: number of features.
+        init: ``"identity"`` or ``"rotation"`` (drawn from torch's global random generator).
+
+    References:
+        Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma and Dhariwal, 2018).
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.transforms import LULinear
+        >>> t = LULinear(3, init="rotation")
+        >>> x = torch.randn(8, 3)
+        >>> torch.allclose(t.inv(t(x)), x, atol=1e-5)
+        True
+    """
+
+    def __init__(self, dim: int, init: str = "identity") -> None:
+        super().__init__(event_shape=(_check_dim(dim),))
+        eye = torch.eye(dim)
+        if init == "identity":
+            perm, lower, upper = torch.arange(dim), eye, eye
+        elif init == "rotation":
+            q = torch.linalg.qr(torch.randn(dim, dim))[0]
+            p, lower, upper = torch.linalg.lu(q)
+            perm = p.argmax(dim=1)  # (P v)[i] = v[perm[i]]
+        else:
+            raise ValueError(f"init: expected 'identity' or 'rotation'; got {init!r}")
+        diag = upper.diagonal()
+        self.init = init
+        self.lower = nn.Parameter(lower.tril(-1).contiguous())
+        self.upper = nn.Parameter(upper.triu(1).contiguous())
+        self.log_diag = nn.Parameter(diag.abs().log())
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+        self.register_buffer("diag_sign", torch.sign(diag))
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
+        lower = self.lower.tril(-1) + eye
+        upper = self.upper.triu(1) + torch.diag(self.diag_sign * self.log_diag.exp())
+        return lower, upper
+
+    def weight(self) -> torch.Tensor:
+        """The matrix ``W = P L U`` (shape ``(dim, dim)``)."""
+        lower, upper = self._factors()
+        return (lower @ upper)[self.perm]
+
+    def _forward_and_log_det(self, x, context):
+        y = nn.functional.linear(x, self.weight())
+        return y, self.log_diag.sum().expand(_batch(x))
+
+    def _inverse_and_log_det(self, y, context):
+        lower, upper = self._factors()
+        z, shape = _rows(y[..., self.inv_perm])
+        w = solve_triangular(lower.T, z, upper=True, left=False, unitriangular=True)
+        x = solve_triangular(upper.T, w, upper=False, left=False)
+        return x.reshape(shape), -self.log_diag.sum().expand(_batch(y))
+
+    def _log_abs_det(self, x, y, context):
+        return self.log_diag.sum().expand(_batch(x))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.lower.shape[0]}, init={self.init!r}"
+
+
+class QRLinear(FlowTransform):
+    """Linear map ``W = Q R`` with ``Q`` a product of Householder reflections.
+
+    ``Q = -H_1 H_2 ... H_dim`` with ``H_i = I - 2 v_i v_iᵀ / |v_i|²``, each ``v_i`` having a 1 in
+    position ``i``, zeros above it and learnable entries below (one LAPACK call,
+    ``torch.linalg.householder_product``); the leading sign makes ``Q = I`` when all ``v_i`` are
+    unit vectors, so the map starts at the identity. ``R`` is upper triangular with diagonal
+    ``exp(log_diag)``.
+
+    * map: ``y = Q R x``
+    * inverse: ``x = R⁻¹ Qᵀ y`` by one matrix product and one triangular solve
+    * log|det J|: ``sum(log_diag)`` (``Q`` preserves volume), independent of ``x``
+
+    Both directions are one pass of O(dim²) per point, plus O(dim³) per call to form ``Q``.
+
+    Args:
+        dim: number of features.
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.transforms import QRLinear
+        >>> t = QRLinear(4)
+        >>> q = t.orthogonal()
+        >>> torch.allclose(q, torch.eye(4))
+        True
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(event_shape=(_check_dim(dim),))
+        self.reflections = nn.Parameter(torch.zeros(dim, dim))
+        self.upper = nn.Parameter(torch.zeros(dim, dim))
+        self.log_diag = nn.Parameter(torch.zeros(dim))
+
+    def orthogonal(self) -> torch.Tensor:
+        """The orthogonal factor ``Q`` (shape ``(dim, dim)``)."""
+        v = self.reflections.tril(-1)
+        tau = 2.0 / (1.0 + v.square().sum(0))
+        return -householder_product(v, tau)
+
+    def _triangular(self) -> torch.Tensor:
+        return self.upper.triu(1) + torch.diag(self.log_diag.exp())
+
+    def weight(self) -> torch.Tensor:
+        """The matrix ``W = Q R`` (shape ``(dim, dim)``)."""
+        return self.orthogonal() @ self._triangular()
+
+    def _forward_and_log_det(self, x, context):
+        y = nn.functional.linear(x, self.weight())
+        return y, self.log_diag.sum().expand(_batch(x))
+
+    def _inverse_and_log_det(self, y, context):
+        z, shape = _rows(y @ self.orthogonal())
+        x = solve_triangular(self._triangular().T, z, upper=False, left=False)
+        return x.reshape(shape), -self.log_diag.sum().expand(_batch(y))
+
+    def _log_abs_det(self, x, y, context):
+        return self.log_diag.sum().expand(_batch(x))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.log_diag.shape[0]}"
+
+
+class Permutation(FlowTransform):
+    """Fixed permutation of the features (volume preserving, no parameters).
+
+    * map: ``y_i = x_{perm[i]}``
+    * inverse: ``x_j = y_{perm⁻¹[j]}``
+    * log|det J|: ``0``
+
+    Both directions are one gather. The permutation is a buffer, so it is saved in the
+    ``state_dict`` and moves with ``.to(device)``.
+
+    Args:
+        dim: number of features.
+        perm: the permutation (a sequence or 1-D integer tensor holding ``0..dim-1`` once each);
+            random (torch's global generator) when ``None``.
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.transforms import Permutation
+        >>> Permutation(3, perm=[2, 0, 1])(torch.tensor([10.0, 11.0, 12.0]))
+        tensor([12., 10., 11.])
+    """
+
+    def __init__(self, dim: int, perm: Sequence[int] | torch.Tensor | None = None) -> None:
+        super().__init__(event_shape=(_check_dim(dim),))
+        if perm is None:
+            perm = torch.randperm(dim)
+        perm = torch.as_tensor(perm)
+        if perm.dtype.is_floating_point or perm.dtype == torch.bool:
+            raise ValueError(f"perm: expected integers; got dtype {perm.dtype}")
+        perm = perm.long().cpu()
+        if perm.shape != (dim,) or not torch.equal(perm.sort().values, torch.arange(dim)):
+            raise ValueError(f"perm: expected a permutation of 0..{dim - 1}; got {perm.tolist()}")
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+
+    def _forward_and_log_det(self, x, context):
+        return x[..., self.perm], x.new_zeros(_batch(x))
+
+    def _inverse_and_log_det(self, y, context):
+        return y[..., self.inv_perm], y.new_zeros(_batch(y))
+
+    def _log_abs_det(self, x, y, context):
+        return x.new_zeros(_batch(x))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.perm.shape[0]}"
+
+
+class Reverse(Permutation):
+    """Reverse the order of the features: ``y_i = x_{dim-1-i}`` (its own inverse, log|det J| = 0).
+
+    Args:
+        dim: number of features.
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.transforms import Reverse
+        >>> Reverse(3)(torch.tensor([1.0, 2.0, 3.0]))
+        tensor([3., 2., 1.])
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(_check_dim(dim), perm=torch.arange(dim - 1, -1, -1))

@@ -1,0 +1,78 @@
+"""One row per transform for the generic harness in ``test_generic.py``.
+
+To add a transform, add a :class:`Case`: a constructor (called under a fixed seed) and, when the
+transform's domain is not the whole of R^dim, a sampler of points in the domain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from pyroflows.transforms import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    ElementwiseAffine,
+    FlowTransform,
+    LeakyReLU,
+    Logit,
+    LULinear,
+    Permutation,
+    QRLinear,
+    Reverse,
+    Sigmoid,
+    SinhArcsinh,
+)
+
+
+def normal(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(shape, dtype=dtype)
+
+
+def unit_interval(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    return 0.05 + 0.9 * torch.rand(shape, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Case:
+    make: Callable[[], FlowTransform]
+    dim: int = 4
+    context_dim: int = 0
+    sample: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = normal
+    # Checks input sizes: a wrong last dimension must raise a ValueError naming the size.
+    sized: bool = True
+
+
+D = 4
+H = (8, 8)
+CASES: dict[str, Case] = {
+    "ElementwiseAffine": Case(lambda: ElementwiseAffine(D)),
+    "ActNorm": Case(lambda: ActNorm(D)),
+    "LeakyReLU": Case(lambda: LeakyReLU(0.2), sized=False),
+    "Sigmoid": Case(lambda: Sigmoid(), sized=False),
+    "Logit": Case(lambda: Logit(), sample=unit_interval, sized=False),
+    "SinhArcsinh": Case(lambda: SinhArcsinh(D)),
+    "LULinear": Case(lambda: LULinear(D)),
+    "LULinear-rotation": Case(lambda: LULinear(D, init="rotation")),
+    "QRLinear": Case(lambda: QRLinear(D)),
+    "Permutation": Case(lambda: Permutation(D)),
+    "Reverse": Case(lambda: Reverse(D)),
+    "AdditiveCoupling-half": Case(lambda: AdditiveCoupling(D, hidden=H)),
+    "AdditiveCoupling-alternate": Case(
+        lambda: AdditiveCoupling(5, hidden=H, mask="alternate"), dim=5
+    ),
+    "AdditiveCoupling-context": Case(
+        lambda: AdditiveCoupling(D, hidden=H, context_dim=2), context_dim=2
+    ),
+    "AffineCoupling-half": Case(lambda: AffineCoupling(D, hidden=H)),
+    "AffineCoupling-alternate": Case(lambda: AffineCoupling(5, hidden=H, mask="alternate"), dim=5),
+    "AffineCoupling-explicit": Case(
+        lambda: AffineCoupling(D, hidden=H, mask=torch.tensor([False, True, True, False]))
+    ),
+    "AffineCoupling-context": Case(
+        lambda: AffineCoupling(D, hidden=H, context_dim=3), context_dim=3
+    ),
+}
