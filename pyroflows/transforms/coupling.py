@@ -15,7 +15,7 @@ from torch import nn
 
 from ..nn import MLP, _check_hidden
 from .base import FlowTransform
-from .elementwise import _check_dim
+from .elementwise import AffineParams, _check_dim
 
 __all__ = ["AdditiveCoupling", "AffineCoupling", "coupling_mask"]
 
@@ -75,9 +75,11 @@ def coupling_mask(dim: int, kind: MaskLike = "half", flip: bool = False) -> torc
 class _Coupling(FlowTransform):
     """Shared machinery: masks, the conditioner and the split/merge of features.
 
-    A subclass sets ``params_per_feature`` (conditioner outputs per transformed feature) and
-    implements ``_couple(x_b, h) -> (y_b, ladj)`` and ``_decouple(y_b, h) -> (x_b, ladj_inv)``
-    where ``h`` has shape ``(*batch, n_transformed, params_per_feature)``.
+    A subclass (usually through a mixin from :mod:`.elementwise`, shared with the autoregressive
+    families) sets ``params_per_feature`` (conditioner outputs per transformed feature) and
+    implements ``_elementwise(x_b, h) -> (y_b, ladj)`` and
+    ``_elementwise_inverse(y_b, h) -> (x_b, ladj_inv)``, where ``h`` has shape
+    ``(*batch, n_transformed, params_per_feature)``.
     """
 
     params_per_feature: int
@@ -123,10 +125,10 @@ class _Coupling(FlowTransform):
         return torch.cat([v_a, w_b], -1)[..., self.merge_idx], ladj
 
     def _forward_and_log_det(self, x, context):
-        return self._split_and_apply(x, context, self._couple)
+        return self._split_and_apply(x, context, self._elementwise)
 
     def _inverse_and_log_det(self, y, context):
-        return self._split_and_apply(y, context, self._decouple)
+        return self._split_and_apply(y, context, self._elementwise_inverse)
 
     def extra_repr(self) -> str:
         return (
@@ -179,10 +181,10 @@ class AdditiveCoupling(_Coupling):
 
     params_per_feature = 1
 
-    def _couple(self, x_b, h):
+    def _elementwise(self, x_b, h):
         return x_b + h[..., 0], x_b.new_zeros(()).expand(h.shape[:-2])
 
-    def _decouple(self, y_b, h):
+    def _elementwise_inverse(self, y_b, h):
         return y_b - h[..., 0], y_b.new_zeros(()).expand(h.shape[:-2])
 
     def _log_abs_det(self, x, y, context):
@@ -190,7 +192,7 @@ class AdditiveCoupling(_Coupling):
         return x.new_zeros(batch)
 
 
-class AffineCoupling(_Coupling):
+class AffineCoupling(AffineParams, _Coupling):
     """Affine coupling (RealNVP): a scale and shift of the transformed features.
 
     * map: ``y_a = x_a``, ``y_b = x_b * exp(s(x_a, c)) + t(x_a, c)``
@@ -225,8 +227,6 @@ class AffineCoupling(_Coupling):
         (torch.Size([10, 4]), torch.Size([10]))
     """
 
-    params_per_feature = 2
-
     def __init__(
         self,
         dim: int,
@@ -236,24 +236,5 @@ class AffineCoupling(_Coupling):
         log_scale_bound: float = 3.0,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
+        self._set_log_scale_bound(log_scale_bound)
         super().__init__(dim, hidden, mask, context_dim, activation)
-        if not log_scale_bound > 0:
-            raise ValueError(
-                f"log_scale_bound: expected a positive number; got {log_scale_bound!r}"
-            )
-        self.log_scale_bound = float(log_scale_bound)
-
-    def _shift_and_log_scale(self, h):
-        bound = self.log_scale_bound
-        return h[..., 0], bound * torch.tanh(h[..., 1] / bound)
-
-    def _couple(self, x_b, h):
-        shift, log_scale = self._shift_and_log_scale(h)
-        return x_b * log_scale.exp() + shift, log_scale.sum(-1)
-
-    def _decouple(self, y_b, h):
-        shift, log_scale = self._shift_and_log_scale(h)
-        return (y_b - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, log_scale_bound={self.log_scale_bound}"

@@ -15,7 +15,16 @@ from torch.distributions import constraints
 
 from .base import FlowTransform
 
-__all__ = ["ActNorm", "ElementwiseAffine", "LeakyReLU", "Logit", "Sigmoid", "SinhArcsinh"]
+__all__ = [
+    "ActNorm",
+    "AffineParams",
+    "ElementwiseAffine",
+    "LeakyReLU",
+    "Logit",
+    "Sigmoid",
+    "SinhArcsinh",
+    "soft_clamp",
+]
 
 
 def _check_dim(dim: int) -> int:
@@ -183,6 +192,44 @@ class LeakyReLU(FlowTransform):
         return f"negative_slope={self.negative_slope}"
 
 
+def soft_clamp(raw: torch.Tensor, bound: float) -> torch.Tensor:
+    """``bound * tanh(raw / bound)``: the identity near 0, smoothly kept in ``(-bound, bound)``."""
+    return bound * torch.tanh(raw / bound)
+
+
+class AffineParams:
+    """Mixin: the elementwise affine map of coupling and autoregressive affine transforms.
+
+    With conditioner output ``h`` of shape ``(*batch, n, 2)``, ``t = h[..., 0]`` and
+    ``s = soft_clamp(h[..., 1], log_scale_bound)``: ``y = x * exp(s) + t`` with
+    log|det J| ``= sum(s)``. The class using it sets ``log_scale_bound`` through
+    ``_set_log_scale_bound`` (before ``FlowTransform.__init__`` runs, which is harmless: it is a
+    plain float).
+    """
+
+    params_per_feature = 2
+    log_scale_bound: float
+
+    def _set_log_scale_bound(self, bound: float) -> None:
+        if not (isinstance(bound, (int, float)) and bound > 0):
+            raise ValueError(f"log_scale_bound: expected a positive number; got {bound!r}")
+        object.__setattr__(self, "log_scale_bound", float(bound))
+
+    def _shift_and_log_scale(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return h[..., 0], soft_clamp(h[..., 1], self.log_scale_bound)
+
+    def _elementwise(self, x, h):
+        shift, log_scale = self._shift_and_log_scale(h)
+        return x * log_scale.exp() + shift, log_scale.sum(-1)
+
+    def _elementwise_inverse(self, y, h):
+        shift, log_scale = self._shift_and_log_scale(h)
+        return (y - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, log_scale_bound={self.log_scale_bound}"
+
+
 def _clamp_open_unit(y: torch.Tensor) -> torch.Tensor:
     # Keeps the logit finite where float rounding reaches 0 or 1.
     finfo = torch.finfo(y.dtype)
@@ -301,8 +348,7 @@ class SinhArcsinh(FlowTransform):
         self.raw_tail = nn.Parameter(torch.zeros(dim))
 
     def _log_tail(self) -> torch.Tensor:
-        c = self.tail_bound
-        return c * torch.tanh(self.raw_tail / c)
+        return soft_clamp(self.raw_tail, self.tail_bound)
 
     def _forward_and_log_det(self, x, context):
         log_b = self._log_tail()
