@@ -1,4 +1,4 @@
-"""Conditioner networks used by the flow transforms.
+"""Conditioner networks used by the flow transforms: :class:`MLP` and :class:`MADE`.
 
 Every conditioner ends in a zero-initialised linear layer, so a freshly built transform is the
 identity map and an untrained flow equals its base distribution (stable starts for variational
@@ -11,9 +11,10 @@ from collections.abc import Sequence
 from itertools import pairwise
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP"]
+__all__ = ["MADE", "MLP"]
 
 
 def _check_positive_int(name: str, value: int) -> int:
@@ -89,3 +90,201 @@ class MLP(nn.Sequential):
                 f"got shape {tuple(x.shape)}"
             )
         return super().forward(x)
+
+
+OrderLike = str | torch.Tensor | Sequence[int]
+
+
+def _made_order(dim: int, order: OrderLike) -> torch.Tensor:
+    """``order[i]`` = position of feature ``i`` in the autoregressive order (a permutation)."""
+    if isinstance(order, str):
+        if order == "natural":
+            return torch.arange(dim)
+        if order == "reversed":
+            return torch.arange(dim - 1, -1, -1)
+        if order == "random":
+            return torch.randperm(dim)
+        raise ValueError(
+            "order: expected 'natural', 'reversed', 'random' or a permutation of "
+            f"0..{dim - 1}; got {order!r}"
+        )
+    try:
+        perm = torch.as_tensor(order)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"order: expected a permutation of 0..{dim - 1} as integers; got {order!r}"
+        ) from None
+    if perm.dtype == torch.bool or perm.is_floating_point() or perm.is_complex():
+        raise ValueError(f"order: expected integers; got dtype {perm.dtype}")
+    if perm.shape != (dim,):
+        raise ValueError(f"order: expected shape ({dim},); got shape {tuple(perm.shape)}")
+    perm = perm.detach().cpu().long().clone()
+    if not torch.equal(perm.sort().values, torch.arange(dim)):
+        raise ValueError(f"order: expected a permutation of 0..{dim - 1}; got {perm.tolist()}")
+    return perm
+
+
+class _MaskedLinear(nn.Linear):
+    """``nn.Linear`` whose weight is multiplied by a fixed 0/1 mask (a buffer)."""
+
+    def __init__(self, in_features: int, out_features: int, mask: torch.Tensor) -> None:
+        super().__init__(in_features, out_features)
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight * self.mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class MADE(nn.Module):
+    """Masked autoencoder for distribution estimation: an MLP with the autoregressive property.
+
+    Output block ``i`` (the ``out_per_dim`` numbers that parametrise feature ``i``) depends only
+    on the inputs ``j`` that come before ``i`` in the autoregressive order
+    (``order[j] < order[i]``) and on all of the context, so the Jacobian of the output with
+    respect to the input is strictly triangular in that order. The property comes from masking
+    the weights (Germain et al., 2015): input ``j`` has degree ``order[j] + 1``, context inputs
+    degree 0, hidden units get degrees ``1..dim-1`` (``0..dim-1`` with a context), assigned
+    cyclically so that every degree is present in every layer; a hidden unit sees the units of
+    the previous layer with degree ``<=`` its own, and output block ``i`` sees the last hidden
+    units with degree ``< order[i] + 1``. Degree-0 units read the context alone; they are what
+    lets the first feature in the order depend on the context (without them its output would
+    be a constant). Each hidden layer must therefore have at least ``dim - 1`` units (``dim``
+    with a context); narrower layers would silently cut some of the allowed dependencies, so
+    they raise a ``ValueError``. With ``dim == 1`` the output depends on the context alone (or
+    is a learnt constant without one).
+
+    The output layer (weight and bias) is zero-initialised, so the network outputs exactly zero
+    until trained. Masks and ``order`` are buffers: they are saved in the ``state_dict`` (a
+    ``"random"`` order is restored by ``load_state_dict``) and move with ``.to()``.
+
+    Args:
+        dim: number of input features.
+        hidden: widths of the hidden layers, each at least ``dim - 1`` (``dim`` with a context);
+            an empty tuple gives a single masked linear layer.
+        out_per_dim: number of outputs per input feature.
+        context_dim: size of the context vector, 0 for none.
+        order: ``"natural"`` (``0, 1, ..., dim - 1``), ``"reversed"``, ``"random"`` (drawn from
+            torch's global random generator) or a permutation of ``0..dim-1`` (a sequence or 1-D
+            integer tensor) where ``order[i]`` is the position of feature ``i``.
+        activation: activation module class, instantiated between layers.
+
+    Shapes:
+        ``x``: ``(*batch, dim)``; ``context``: ``(*batch', context_dim)`` with ``batch'``
+        broadcastable with ``batch``; output: ``(*broadcast(batch, batch'), dim, out_per_dim)``.
+
+    References:
+        MADE: Masked Autoencoder for Distribution Estimation (Germain, Gregor, Murray and
+        Larochelle, 2015).
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.nn import MADE
+        >>> _ = torch.manual_seed(0)
+        >>> net = MADE(3, hidden=(16, 16), out_per_dim=2, context_dim=4, order="reversed")
+        >>> net(torch.randn(10, 3), torch.randn(10, 4)).shape
+        torch.Size([10, 3, 2])
+        >>> bool((net(torch.randn(3), torch.randn(4)) == 0).all())  # zero output layer
+        True
+        >>> net.order.tolist()
+        [2, 1, 0]
+    """
+
+    order: torch.Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (64, 64),
+        out_per_dim: int = 2,
+        context_dim: int = 0,
+        order: OrderLike = "natural",
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("dim", dim)
+        _check_positive_int("out_per_dim", out_per_dim)
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
+            raise ValueError(f"context_dim: expected a non-negative integer; got {context_dim!r}")
+        hidden = _check_hidden(hidden)
+        # Hidden degrees run over low..dim-1. Degree 0 (units that read the context only) is
+        # what lets the first feature in the order depend on the context.
+        low = 0 if context_dim or dim == 1 else 1
+        if any(h < dim - low for h in hidden):
+            need = f"dim = {dim}" if low == 0 else f"dim - 1 = {dim - 1}"
+            raise ValueError(
+                f"hidden: expected every hidden layer to have at least {need} units (dim - 1, "
+                "or dim with a context), so that each output can depend on every input before "
+                f"it and on the context; got {hidden}"
+            )
+        self.dim = dim
+        self.hidden = hidden
+        self.out_per_dim = out_per_dim
+        self.context_dim = context_dim
+        perm = _made_order(dim, order)
+        self.register_buffer("order", perm)
+
+        degrees = [perm + 1]
+        degrees += [torch.arange(h) % (dim - low) + low for h in hidden]
+        out_degrees = (perm + 1).repeat_interleave(out_per_dim)
+        layers = []
+        for i, (d_in, d_out) in enumerate(zip(degrees, [*degrees[1:], None], strict=True)):
+            if d_out is None:
+                mask = out_degrees[:, None] > d_in[None, :]
+            else:
+                mask = d_out[:, None] >= d_in[None, :]
+            if i == 0 and context_dim:
+                mask = torch.cat([mask, mask.new_ones(len(mask), context_dim)], 1)
+            layers.append(_MaskedLinear(mask.shape[1], mask.shape[0], mask))
+        self.layers = nn.ModuleList(layers)
+        self.activations = nn.ModuleList(activation() for _ in hidden)
+        nn.init.zeros_(layers[-1].weight)
+        nn.init.zeros_(layers[-1].bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Conditioner output of shape ``(*batch, dim, out_per_dim)``."""
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(
+                f"MADE: expected input with last dimension {self.dim}; got shape {tuple(x.shape)}"
+            )
+        first = self.layers[0]
+        weight = first.masked_weight()
+        if self.context_dim:
+            if context is None:
+                raise ValueError(
+                    f"MADE: expected a context of shape (*batch, {self.context_dim}) "
+                    f"(context_dim={self.context_dim}); got None"
+                )
+            if context.dim() == 0 or context.shape[-1] != self.context_dim:
+                raise ValueError(
+                    f"MADE: expected a context with last dimension {self.context_dim}; "
+                    f"got shape {tuple(context.shape)}"
+                )
+            try:
+                torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+            except RuntimeError:
+                raise ValueError(
+                    "MADE: expected a context whose batch shape broadcasts with the input's; "
+                    f"got input {tuple(x.shape)} and context {tuple(context.shape)}"
+                ) from None
+            # Two products instead of a concatenation: x and context broadcast for free.
+            h = F.linear(x, weight[:, : self.dim], first.bias)
+            h = h + F.linear(context, weight[:, self.dim :])
+        elif context is not None:
+            raise ValueError(
+                "MADE: expected no context (context_dim=0); "
+                f"got a tensor of shape {tuple(context.shape)}"
+            )
+        else:
+            h = F.linear(x, weight, first.bias)
+        for activation, layer in zip(self.activations, self.layers[1:], strict=True):
+            h = layer(activation(h))
+        return h.unflatten(-1, (self.dim, self.out_per_dim))
+
+    def extra_repr(self) -> str:
+        parts = [f"dim={self.dim}", f"hidden={self.hidden}", f"out_per_dim={self.out_per_dim}"]
+        if self.context_dim:
+            parts.append(f"context_dim={self.context_dim}")
+        return ", ".join(parts)

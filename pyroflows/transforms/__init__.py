@@ -3,10 +3,12 @@
 The contract they keep is written once, in :class:`FlowTransform`.
 """
 
+from .autoregressive import MaskedAffineAutoregressive
 from .base import ConditionedTransform, FlowTransform
 from .coupling import AdditiveCoupling, AffineCoupling, coupling_mask
 from .elementwise import ActNorm, ElementwiseAffine, LeakyReLU, Logit, Sigmoid, SinhArcsinh
 from .linear import LULinear, Permutation, QRLinear, Reverse
+from .splines import SplineAutoregressive, SplineCoupling, SplineParams, rational_quadratic_spline
 
 __all__ = [
     "ActNorm",
@@ -18,10 +20,15 @@ __all__ = [
     "LULinear",
     "LeakyReLU",
     "Logit",
+    "MaskedAffineAutoregressive",
     "Permutation",
     "QRLinear",
     "Reverse",
     "Sigmoid",
     "SinhArcsinh",
+    "SplineAutoregressive",
+    "SplineCoupling",
+    "SplineParams",
     "coupling_mask",
+    "rational_quadratic_spline",
 ]

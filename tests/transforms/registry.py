@@ -20,11 +20,14 @@ from pyroflows.transforms import (
     LeakyReLU,
     Logit,
     LULinear,
+    MaskedAffineAutoregressive,
     Permutation,
     QRLinear,
     Reverse,
     Sigmoid,
     SinhArcsinh,
+    SplineAutoregressive,
+    SplineCoupling,
 )
 
 
@@ -74,5 +77,36 @@ CASES: dict[str, Case] = {
     ),
     "AffineCoupling-context": Case(
         lambda: AffineCoupling(D, hidden=H, context_dim=3), context_dim=3
+    ),
+    "MAF": Case(lambda: MaskedAffineAutoregressive(D, hidden=H)),
+    "IAF": Case(lambda: MaskedAffineAutoregressive(D, hidden=H, orientation="iaf")),
+    "MAF-random-order": Case(lambda: MaskedAffineAutoregressive(D, hidden=H, order="random")),
+    "IAF-explicit-order": Case(
+        lambda: MaskedAffineAutoregressive(D, hidden=H, order=[2, 0, 3, 1], orientation="iaf")
+    ),
+    "MAF-context": Case(
+        lambda: MaskedAffineAutoregressive(D, hidden=H, context_dim=3), context_dim=3
+    ),
+    "IAF-context": Case(
+        lambda: MaskedAffineAutoregressive(D, hidden=H, context_dim=3, orientation="iaf"),
+        context_dim=3,
+    ),
+    "MAF-dim1-context": Case(
+        lambda: MaskedAffineAutoregressive(1, hidden=H, context_dim=2), dim=1, context_dim=2
+    ),
+    "SplineCoupling-half": Case(lambda: SplineCoupling(D, hidden=H, bins=5)),
+    "SplineCoupling-alternate-tails": Case(
+        lambda: SplineCoupling(5, hidden=H, mask="alternate", bins=4, bound=1.0), dim=5
+    ),
+    "SplineCoupling-context": Case(
+        lambda: SplineCoupling(D, hidden=H, context_dim=2, bins=5), context_dim=2
+    ),
+    "SplineAutoregressive-maf": Case(lambda: SplineAutoregressive(D, hidden=H, bins=5)),
+    "SplineAutoregressive-iaf-tails": Case(
+        lambda: SplineAutoregressive(D, hidden=H, orientation="iaf", bins=4, bound=1.0)
+    ),
+    "SplineAutoregressive-context": Case(
+        lambda: SplineAutoregressive(D, hidden=H, context_dim=2, order="reversed", bins=5),
+        context_dim=2,
     ),
 }

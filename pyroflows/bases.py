@@ -1,0 +1,134 @@
+"""Base distributions of flows, as modules so that ``.to(device)`` and ``.double()`` move them.
+
+A base is an ``nn.Module`` whose ``forward(context)`` returns a Pyro distribution with event
+shape ``(dim,)`` and batch shape ``context.shape[:-1]`` (``()`` without a context). Keeping its
+tensors in buffers or parameters avoids the device mismatch that Pyro and nflows users met when a
+flow moved to CUDA and its base did not (pyro-ppl/pyro#2761, bayesiains/nflows#15).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+from .nn import MLP, _check_positive_int
+from .transforms.elementwise import soft_clamp
+
+__all__ = ["ConditionalDiagNormal", "DiagNormal", "StandardNormal", "make_base"]
+
+# Per-feature log-scales of the learnable bases are soft-clamped to (-10, 10): wide enough for
+# any standardised problem, narrow enough that exp() cannot overflow float32.
+LOG_SCALE_BOUND = 10.0
+
+
+def _expand(d: dist.Distribution, context: torch.Tensor | None) -> dist.Distribution:
+    if context is None:
+        return d
+    return d.expand(torch.broadcast_shapes(d.batch_shape, context.shape[:-1]))
+
+
+class StandardNormal(nn.Module):
+    """The standard Normal ``N(0, I)`` on ``R^dim``, held in buffers.
+
+    Args:
+        dim: number of features.
+
+    Example:
+        >>> from pyroflows.bases import StandardNormal
+        >>> StandardNormal(3)().event_shape
+        torch.Size([3])
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        _check_positive_int("dim", dim)
+        self.register_buffer("loc", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    def forward(self, context: torch.Tensor | None = None) -> dist.Distribution:
+        return _expand(dist.Normal(self.loc, self.scale).to_event(1), context)
+
+
+class DiagNormal(nn.Module):
+    """A learnable diagonal Normal ``N(loc, diag(scale²))``, starting at ``N(0, I)``.
+
+    ``scale = exp(soft_clamp(log_scale, 10))``.
+
+    Args:
+        dim: number of features.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        _check_positive_int("dim", dim)
+        self.loc = nn.Parameter(torch.zeros(dim))
+        self.log_scale = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, context: torch.Tensor | None = None) -> dist.Distribution:
+        scale = soft_clamp(self.log_scale, LOG_SCALE_BOUND).exp()
+        return _expand(dist.Normal(self.loc, scale).to_event(1), context)
+
+
+class ConditionalDiagNormal(nn.Module):
+    """A diagonal Normal whose mean and scale a network reads from the context.
+
+    ``(loc, raw) = MLP(context)``, ``scale = exp(soft_clamp(raw, 10))``; the network's last layer
+    starts at zero, so the base starts at ``N(0, I)`` for every context. This is the base of the
+    IAF paper's VAE posterior: the encoder's features are the context, from which the base's
+    mean and scale and the flow's conditioners all read.
+
+    Args:
+        dim: number of features.
+        context_dim: size of the context.
+        hidden: hidden widths of the network (``()`` for a linear map).
+
+    Shapes:
+        context ``(*batch, context_dim)`` -> distribution with batch shape ``batch``, event
+        shape ``(dim,)``.
+
+    References:
+        Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al., 2016).
+    """
+
+    def __init__(self, dim: int, context_dim: int, hidden: Sequence[int] = (64,)) -> None:
+        super().__init__()
+        _check_positive_int("dim", dim)
+        _check_positive_int("context_dim", context_dim)
+        self.dim = dim
+        self.net = MLP(context_dim, 2 * dim, hidden=hidden)
+
+    def forward(self, context: torch.Tensor | None = None) -> dist.Distribution:
+        if context is None:
+            raise ValueError(
+                "ConditionalDiagNormal needs a context of shape (*batch, "
+                f"{self.net.in_features}); got None"
+            )
+        loc, raw = self.net(context).chunk(2, dim=-1)
+        scale = soft_clamp(raw, LOG_SCALE_BOUND).exp()
+        return dist.Normal(loc, scale).to_event(1)
+
+
+BASES = ("normal", "diag_normal", "conditional_normal")
+
+
+def make_base(
+    base: str | nn.Module, dim: int, context_dim: int = 0, hidden: Sequence[int] = (64,)
+) -> nn.Module:
+    """Build a base from its name (``"normal"``, ``"diag_normal"``, ``"conditional_normal"``).
+
+    A module is returned as it is (it must map a context, or ``None``, to a distribution).
+    """
+    if isinstance(base, nn.Module):
+        return base
+    if base == "normal":
+        return StandardNormal(dim)
+    if base == "diag_normal":
+        return DiagNormal(dim)
+    if base == "conditional_normal":
+        if not context_dim:
+            raise ValueError("base='conditional_normal' needs context_dim > 0; got context_dim=0")
+        return ConditionalDiagNormal(dim, context_dim, hidden)
+    raise ValueError(f"base: expected one of {BASES} or an nn.Module; got {base!r}")

@@ -1,0 +1,501 @@
+"""Flows: a base distribution and a stack of transforms, called to give a Pyro distribution.
+
+``flow()`` (or ``flow(context)`` for a conditional flow) returns a
+``pyro.distributions.TransformedDistribution`` with ``log_prob``, ``sample`` and ``rsample``. Each
+call binds fresh, short-lived views of the transforms (:meth:`FlowTransform.condition`), which
+cache their latest ``(x, y, log|det J|)``: a distribution scores its own samples without inverting
+anything and without a second conditioner pass, and nothing cached outlives the distribution, so
+nothing stale survives an optimiser step. Call the flow again after each step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions.conditional import ConditionalTransform
+from torch import nn
+from torch.distributions import Transform
+
+from .bases import make_base
+from .nn import _check_positive_int
+from .transforms import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    ElementwiseAffine,
+    LeakyReLU,
+    LULinear,
+    Permutation,
+    QRLinear,
+    Reverse,
+    SinhArcsinh,
+    coupling_mask,
+)
+from .transforms.autoregressive import MaskedAffineAutoregressive
+from .transforms.splines import SplineAutoregressive, SplineCoupling
+
+__all__ = ["IAF", "MAF", "NICE", "NSF", "Flow", "LinearFlow", "RealNVP"]
+
+MIXINGS = ("reverse", "random", "lu", "qr", None)
+
+
+class Flow(nn.Module):
+    """A normalizing flow: a base distribution and transforms, base side first.
+
+    Calling the flow returns a Pyro ``TransformedDistribution`` over ``R^dim``: ``flow()`` for an
+    unconditional flow, ``flow(context)`` with a context of shape ``(*batch, context_dim)`` for a
+    conditional one, whose distribution then has ``batch_shape == context.shape[:-1]`` (so it
+    works inside ``pyro.plate``). The base lives in buffers or parameters of the module, so
+    ``.to("cuda")``, ``.double()`` and ``state_dict`` cover everything.
+
+    Args:
+        transforms: transforms applied in order to base samples (the last one produces data).
+            Transforms that are ``nn.Module``\\ s are registered (``pyro.module`` and
+            ``.parameters()`` reach them); conditional ones are bound with ``condition(context)``
+            on each call.
+        dim: number of features.
+        context_dim: size of the context, 0 for an unconditional flow.
+        base: ``"normal"`` (standard Normal, the default), ``"diag_normal"`` (learnable
+            diagonal Normal), ``"conditional_normal"`` (a diagonal Normal whose mean and scale a
+            network reads from the context) or a module mapping a context (or ``None``) to a
+            distribution with event shape ``(dim,)``.
+        base_hidden: hidden widths of the ``"conditional_normal"`` network.
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> from pyroflows.transforms import AffineCoupling, Reverse
+        >>> flow = pf.Flow([AffineCoupling(2, hidden=(16,)), Reverse(2)], dim=2)
+        >>> d = flow()
+        >>> d.sample((5,)).shape, d.log_prob(torch.zeros(3, 2)).shape
+        (torch.Size([5, 2]), torch.Size([3]))
+    """
+
+    def __init__(
+        self,
+        transforms: Sequence[Transform],
+        dim: int,
+        context_dim: int = 0,
+        base: str | nn.Module = "normal",
+        base_hidden: Sequence[int] = (64,),
+    ) -> None:
+        super().__init__()
+        _check_positive_int("dim", dim)
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
+            raise ValueError(f"context_dim: expected a non-negative integer; got {context_dim!r}")
+        for t in transforms:
+            if not isinstance(t, (Transform, ConditionalTransform)):
+                raise TypeError(f"transforms: expected Pyro/torch transforms; got {type(t)}")
+        self.dim = dim
+        self.context_dim = context_dim
+        self.base = make_base(base, dim, context_dim, base_hidden)
+        self.transforms = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
+        self._chain = list(transforms)
+
+    def forward(self, context: torch.Tensor | None = None) -> dist.TransformedDistribution:
+        """The flow's distribution (for ``context``, when the flow is conditional).
+
+        Args:
+            context: ``None`` for an unconditional flow; a tensor of shape
+                ``(*batch, context_dim)`` for a conditional one.
+
+        Returns:
+            A ``pyro.distributions.TransformedDistribution`` with event shape ``(dim,)`` and
+            batch shape ``context.shape[:-1]`` (``()`` without a context).
+        """
+        context = self._check_context(context)
+        parts = [
+            t.condition(context) if isinstance(t, ConditionalTransform) else t for t in self._chain
+        ]
+        return dist.TransformedDistribution(self.base(context), parts)
+
+    def _check_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        name = type(self).__name__
+        if self.context_dim == 0:
+            if context is not None:
+                raise ValueError(
+                    f"{name} is unconditional (context_dim=0): call it without a context; "
+                    f"got a context of shape {tuple(context.shape)}"
+                )
+            return None
+        if context is None:
+            raise ValueError(
+                f"{name} was built with context_dim={self.context_dim} and needs a context: "
+                f"call flow(context) with a context of shape (*batch, {self.context_dim})"
+            )
+        if not isinstance(context, torch.Tensor):
+            raise TypeError(f"{name}: expected the context as a tensor; got {type(context)}")
+        if context.dim() == 0 or context.shape[-1] != self.context_dim:
+            raise ValueError(
+                f"{name}: expected a context with last dimension {self.context_dim}; "
+                f"got shape {tuple(context.shape)}"
+            )
+        return context
+
+    def extra_repr(self) -> str:
+        extra = f"dim={self.dim}"
+        return extra + (f", context_dim={self.context_dim}" if self.context_dim else "")
+
+
+def _mixing(kind: str | None, dim: int) -> Transform | None:
+    if kind is None:
+        return None
+    if kind == "reverse":
+        return Reverse(dim)
+    if kind == "random":
+        return Permutation(dim)
+    if kind == "lu":
+        return LULinear(dim)
+    if kind == "qr":
+        return QRLinear(dim)
+    raise ValueError(f"mixing: expected one of {MIXINGS}; got {kind!r}")
+
+
+def _check_layers(layers: int) -> int:
+    return _check_positive_int("layers", layers)
+
+
+def _stack(blocks: Sequence[Transform], dim: int, mixing: str | None, actnorm: bool) -> list:
+    """``block, [ActNorm]`` per layer, with ``mixing`` between layers (base side first)."""
+    _mixing(mixing, dim)  # validate even when there is a single layer
+    parts: list[Transform] = []
+    for i, block in enumerate(blocks):
+        if i > 0 and mixing is not None:
+            parts.append(_mixing(mixing, dim))
+        parts.append(block)
+        if actnorm:
+            parts.append(ActNorm(dim))
+    return parts
+
+
+class NICE(Flow):
+    """NICE: additive (volume-preserving) coupling layers and a final diagonal scaling.
+
+    ``layers`` :class:`~pyroflows.transforms.AdditiveCoupling` layers whose masks alternate
+    (what one layer keeps, the next transforms), preceded on the base side by an
+    :class:`~pyroflows.transforms.ElementwiseAffine` scaling, the only part that changes volume,
+    as in the paper. Sampling and density are both one pass per layer.
+
+    Args:
+        dim: number of features (at least 2).
+        layers: number of coupling layers (the paper uses 4).
+        hidden: hidden widths of each coupling conditioner.
+        context_dim: size of the context (0: unconditional).
+        mask: ``"half"`` or ``"alternate"``, flipped from layer to layer.
+        base: see :class:`Flow`.
+
+    References:
+        NICE: Non-linear Independent Components Estimation (Dinh, Krueger and Bengio, 2014).
+
+    Example:
+        >>> import pyroflows as pf
+        >>> pf.NICE(dim=4)().sample((2,)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 4,
+        hidden: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        mask: str = "half",
+        base: str | nn.Module = "normal",
+    ) -> None:
+        couplings = [
+            AdditiveCoupling(dim, hidden, coupling_mask(dim, mask, flip=i % 2), context_dim)
+            for i in range(_check_layers(layers))
+        ]
+        super().__init__([ElementwiseAffine(dim), *couplings], dim, context_dim, base)
+
+
+class RealNVP(Flow):
+    """RealNVP: affine coupling layers with alternating masks, each followed by ActNorm.
+
+    Each layer is an :class:`~pyroflows.transforms.AffineCoupling` (soft-clamped log-scales,
+    masks flipped from layer to layer) and, with ``actnorm=True``, an
+    :class:`~pyroflows.transforms.ActNorm` on its data side, which standardises the data the
+    first time it is scored (the batch-free normalisation of Glow, in place of RealNVP's batch
+    normalisation). Sampling and density are both one conditioner pass per layer.
+
+    Args:
+        dim: number of features (at least 2).
+        layers: number of coupling layers.
+        hidden: hidden widths of each coupling conditioner.
+        context_dim: size of the context (0: unconditional).
+        mask: ``"half"`` or ``"alternate"``, flipped from layer to layer.
+        actnorm: add an ActNorm after each coupling layer.
+        log_scale_bound: soft bound on each layer's log-scale.
+        base: see :class:`Flow`.
+
+    References:
+        Density estimation using Real NVP (Dinh, Sohl-Dickstein and Bengio, 2017).
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> flow = pf.RealNVP(dim=3, layers=2, hidden=(16,), context_dim=2)
+        >>> flow(torch.randn(7, 2)).batch_shape
+        torch.Size([7])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        mask: str = "half",
+        actnorm: bool = True,
+        log_scale_bound: float = 3.0,
+        base: str | nn.Module = "normal",
+    ) -> None:
+        blocks = [
+            AffineCoupling(
+                dim,
+                hidden,
+                coupling_mask(dim, mask, flip=i % 2),
+                context_dim,
+                log_scale_bound=log_scale_bound,
+            )
+            for i in range(_check_layers(layers))
+        ]
+        super().__init__(_stack(blocks, dim, None, actnorm), dim, context_dim, base)
+
+
+class MAF(Flow):
+    """Masked autoregressive flow: fast density, sequential sampling.
+
+    Each layer is a :class:`~pyroflows.transforms.MaskedAffineAutoregressive` in MAF
+    orientation: the density direction (data -> base, ``log_prob``) is one MADE pass per layer;
+    sampling needs ``dim`` sequential passes per layer. Between layers the feature order is
+    reversed (``mixing="reverse"``, as in the paper); with ``actnorm=True`` an ActNorm follows
+    each layer on its data side (batch-free, in place of the paper's batch normalisation).
+    Choose MAF to fit data by maximum likelihood; choose :class:`IAF` for variational inference.
+
+    Args:
+        dim: number of features.
+        layers: number of autoregressive layers (the paper uses 5).
+        hidden: hidden widths of each MADE.
+        context_dim: size of the context (0: unconditional).
+        mixing: ``"reverse"``, ``"random"``, ``"lu"``, ``"qr"`` or ``None`` between layers.
+        actnorm: add an ActNorm after each layer.
+        log_scale_bound: soft bound on each layer's log-scale.
+        base: see :class:`Flow`.
+
+    References:
+        Masked Autoregressive Flow for Density Estimation (Papamakarios, Pavlakou and Murray,
+        2017).
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> pf.MAF(dim=3, layers=2, hidden=(16, 16))().log_prob(torch.zeros(3)).shape
+        torch.Size([])
+    """
+
+    orientation = "maf"
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        mixing: str | None = "reverse",
+        actnorm: bool = True,
+        log_scale_bound: float = 3.0,
+        base: str | nn.Module = "normal",
+    ) -> None:
+        blocks = [
+            MaskedAffineAutoregressive(
+                dim,
+                hidden,
+                context_dim,
+                orientation=self.orientation,
+                log_scale_bound=log_scale_bound,
+            )
+            for _ in range(_check_layers(layers))
+        ]
+        super().__init__(_stack(blocks, dim, mixing, actnorm), dim, context_dim, base)
+
+
+class IAF(MAF):
+    """Inverse autoregressive flow: fast sampling, and free density of its own samples.
+
+    As :class:`MAF` with the orientation swapped: sampling (base -> data) is one MADE pass per
+    layer, and the distribution scores its own samples (``d.log_prob(d.rsample())``) from the
+    cached pass, with no inversion. Scoring other points needs ``dim`` sequential passes per
+    layer. This is the flow for variational posteriors (guides, VAE encoders). No ActNorm by
+    default: in variational inference there is no data batch to initialise it from.
+
+    Args:
+        dim: number of features.
+        layers: number of autoregressive layers.
+        hidden: hidden widths of each MADE.
+        context_dim: size of the context (0: unconditional), e.g. an encoder's features.
+        mixing: ``"reverse"``, ``"random"``, ``"lu"``, ``"qr"`` or ``None`` between layers.
+        actnorm: add an ActNorm after each layer.
+        log_scale_bound: soft bound on each layer's log-scale.
+        base: see :class:`Flow`; ``"conditional_normal"`` gives the IAF paper's VAE posterior.
+
+    References:
+        Improved Variational Inference with Inverse Autoregressive Flow (Kingma, Salimans,
+        Jozefowicz, Chen, Sutskever and Welling, 2016).
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> q = pf.IAF(dim=4, layers=2, hidden=(16, 16), context_dim=3)
+        >>> d = q(torch.randn(10, 3))
+        >>> z = d.rsample()
+        >>> z.shape, d.log_prob(z).shape
+        (torch.Size([10, 4]), torch.Size([10]))
+    """
+
+    orientation = "iaf"
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        mixing: str | None = "reverse",
+        actnorm: bool = False,
+        log_scale_bound: float = 3.0,
+        base: str | nn.Module = "normal",
+    ) -> None:
+        super().__init__(dim, layers, hidden, context_dim, mixing, actnorm, log_scale_bound, base)
+
+
+class NSF(Flow):
+    """Neural spline flow: rational-quadratic spline layers with LU-linear mixing.
+
+    With ``autoregressive=False`` (the default) each layer is a
+    :class:`~pyroflows.transforms.SplineCoupling` (masks flipped from layer to layer): sampling
+    and density are both one conditioner pass per layer. With ``autoregressive=True`` each layer
+    is a :class:`~pyroflows.transforms.SplineAutoregressive` in MAF orientation (fast density,
+    ``dim`` sequential passes to sample). Between layers an :class:`~pyroflows.transforms.LULinear`
+    mixes the features, as in the paper; with ``actnorm=True`` an ActNorm follows each layer on
+    its data side, which matters for splines: the data must land in ``[-bound, bound]``, where
+    the spline acts (outside it the map is the identity).
+
+    Args:
+        dim: number of features (at least 2 for coupling layers).
+        layers: number of spline layers.
+        hidden: hidden widths of each conditioner.
+        context_dim: size of the context (0: unconditional).
+        bins: number of spline bins.
+        bound: the spline acts on ``[-bound, bound]``, identity outside.
+        autoregressive: autoregressive (MADE) conditioners instead of coupling.
+        mixing: ``"lu"``, ``"qr"``, ``"reverse"``, ``"random"`` or ``None`` between layers.
+        actnorm: add an ActNorm after each layer.
+        base: see :class:`Flow`.
+
+    References:
+        Neural Spline Flows (Durkan, Bekasov, Murray and Papamakarios, 2019).
+
+    Example:
+        >>> import pyroflows as pf
+        >>> pf.NSF(dim=2, layers=2, hidden=(16,), bins=4)().sample((3,)).shape
+        torch.Size([3, 2])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        bins: int = 8,
+        bound: float = 5.0,
+        autoregressive: bool = False,
+        mixing: str | None = "lu",
+        actnorm: bool = True,
+        base: str | nn.Module = "normal",
+    ) -> None:
+        _check_layers(layers)
+        if autoregressive:
+            blocks = [
+                SplineAutoregressive(dim, hidden, context_dim, bins=bins, bound=bound)
+                for _ in range(layers)
+            ]
+        else:
+            if dim < 2:
+                raise ValueError(
+                    f"dim: spline coupling needs at least 2 features; got {dim} "
+                    "(use autoregressive=True for one feature)"
+                )
+            blocks = [
+                SplineCoupling(
+                    dim,
+                    hidden,
+                    coupling_mask(dim, "half", flip=i % 2),
+                    context_dim,
+                    bins=bins,
+                    bound=bound,
+                )
+                for i in range(layers)
+            ]
+        super().__init__(_stack(blocks, dim, mixing, actnorm), dim, context_dim, base)
+
+
+ELEMENTWISE = ("sinh_arcsinh", "leaky_relu", None)
+
+
+class LinearFlow(Flow):
+    """Learnable linear maps interleaved with elementwise nonlinearities.
+
+    Each layer is an :class:`~pyroflows.transforms.LULinear` (``linear="lu"``) or
+    :class:`~pyroflows.transforms.QRLinear` (``linear="qr"``) followed by an elementwise
+    bijection (:class:`~pyroflows.transforms.SinhArcsinh`, learnable skew and tails, or
+    :class:`~pyroflows.transforms.LeakyReLU`); a final
+    :class:`~pyroflows.transforms.ElementwiseAffine` adds the shift. One layer without a
+    nonlinearity is a full-covariance Gaussian. Both directions are one pass, O(dim²) per point.
+    There are no conditioners: a conditional LinearFlow reads the context through its base
+    (``"conditional_normal"``, the default when ``context_dim > 0``).
+
+    Args:
+        dim: number of features.
+        layers: number of linear layers.
+        hidden: hidden widths of the conditional base's network (used when conditional).
+        context_dim: size of the context (0: unconditional).
+        linear: ``"lu"`` or ``"qr"``.
+        elementwise: ``"sinh_arcsinh"``, ``"leaky_relu"`` or ``None``.
+        base: see :class:`Flow`; ``None`` picks ``"conditional_normal"`` when ``context_dim > 0``
+            and ``"normal"`` otherwise.
+
+    Example:
+        >>> import pyroflows as pf
+        >>> pf.LinearFlow(dim=3, layers=2)().rsample((4,)).shape
+        torch.Size([4, 3])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 3,
+        hidden: Sequence[int] = (64,),
+        context_dim: int = 0,
+        linear: str = "lu",
+        elementwise: str | None = "sinh_arcsinh",
+        base: str | nn.Module | None = None,
+    ) -> None:
+        if linear not in ("lu", "qr"):
+            raise ValueError(f"linear: expected 'lu' or 'qr'; got {linear!r}")
+        if elementwise not in ELEMENTWISE:
+            raise ValueError(f"elementwise: expected one of {ELEMENTWISE}; got {elementwise!r}")
+        parts: list[Transform] = []
+        for _ in range(_check_layers(layers)):
+            parts.append(_mixing(linear, dim))
+            if elementwise == "sinh_arcsinh":
+                parts.append(SinhArcsinh(dim))
+            elif elementwise == "leaky_relu":
+                parts.append(LeakyReLU(0.5))
+        parts.append(ElementwiseAffine(dim))
+        if base is None:
+            base = "conditional_normal" if context_dim else "normal"
+        super().__init__(parts, dim, context_dim, base, base_hidden=hidden)

@@ -1,0 +1,320 @@
+"""End-to-end tests of every flow builder, unconditional and conditional, as Pyro distributions."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from torch.autograd.functional import jacobian
+
+import pyroflows as pf
+from pyroflows.transforms.autoregressive import _Autoregressive
+from pyroflows.transforms.coupling import _Coupling
+
+SMALL = {"layers": 2, "hidden": (16, 16)}
+BUILDERS = {
+    "NICE": lambda **kw: pf.NICE(2, **SMALL, **kw),
+    "RealNVP": lambda **kw: pf.RealNVP(2, **SMALL, **kw),
+    "MAF": lambda **kw: pf.MAF(2, **SMALL, **kw),
+    "IAF": lambda **kw: pf.IAF(2, **SMALL, **kw),
+    "NSF": lambda **kw: pf.NSF(2, **SMALL, bins=6, **kw),
+    "NSF-autoregressive": lambda **kw: pf.NSF(2, **SMALL, bins=6, autoregressive=True, **kw),
+    "LinearFlow": lambda **kw: pf.LinearFlow(2, layers=2, **kw),
+    "LinearFlow-qr": lambda **kw: pf.LinearFlow(2, layers=2, linear="qr", **kw),
+}
+NAMES = sorted(BUILDERS)
+CONDITIONS = [0, 1]  # context_dim
+
+
+def banana(n: int, context: torch.Tensor | None = None) -> torch.Tensor:
+    """A curved 2-D density, shifted and bent by the context when there is one."""
+    u = torch.randn(n, 2)
+    c = torch.zeros(n, 1) if context is None else context
+    x1 = 1.2 * u[:, 0] + c[:, 0]
+    x2 = 0.4 * (x1 - c[:, 0]) ** 2 - 1.0 + 0.35 * u[:, 1] - c[:, 0]
+    return torch.stack([x1, x2], -1)
+
+
+def make_context(n: int) -> torch.Tensor:
+    return torch.randint(0, 2, (n, 1)).float() * 2 - 1  # ±1
+
+
+def fit(flow: pf.Flow, conditional: bool, steps: int = 250) -> tuple[float, float]:
+    """Maximum likelihood on the banana; returns (NLL before, NLL after) on held-out data."""
+    torch.manual_seed(0)
+    context = make_context(4096) if conditional else None
+    data = banana(4096, context)
+    test_c = make_context(2048) if conditional else None
+    test = banana(2048, test_c)
+
+    def nll(x, c):
+        return -flow(c).log_prob(x).mean()
+
+    with torch.no_grad():
+        before = nll(test, test_c).item()
+    optimizer = torch.optim.Adam(flow.parameters(), lr=1e-2)
+    for _ in range(steps):
+        idx = torch.randint(len(data), (256,))
+        loss = nll(data[idx], None if context is None else context[idx])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = nll(test, test_c).item()
+    return before, after
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """Every builder, unconditional and conditional, fitted briefly, in float64."""
+    flows = {}
+    for name in NAMES:
+        for context_dim in CONDITIONS:
+            torch.manual_seed(1)
+            flow = BUILDERS[name](context_dim=context_dim)
+            before, after = fit(flow, bool(context_dim))
+            flows[name, context_dim] = (flow.double(), before, after)
+    return flows
+
+
+def context_for(context_dim: int, *batch: int) -> torch.Tensor | None:
+    if not context_dim:
+        return None
+    return torch.ones(*batch, context_dim, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("context_dim", CONDITIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_fit_moves_away_from_the_base_and_the_density_integrates_to_one(fitted, name, context_dim):
+    flow, before, after = fitted[name, context_dim]
+    # The standard Normal scores the banana at ~3 nats; the fit must have learned its shape
+    # (LinearFlow can only bend it a little).
+    assert after < before - 0.3, (before, after)
+    n, half_width = 500, 9.0
+    axis = torch.linspace(-half_width, half_width, n, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
+    d = flow(None if not context_dim else torch.ones(1, context_dim, dtype=torch.float64))
+    with torch.no_grad():
+        samples = d.sample((20_000,)).reshape(-1, 2)
+        density = d.log_prob(grid.unsqueeze(-2) if context_dim else grid).exp().reshape(n, n)
+    assert (samples.abs() < half_width).all(-1).double().mean() > 0.999
+    total = torch.trapezoid(torch.trapezoid(density, axis), axis).item()
+    # Tolerance 1e-2: quadrature error ~1e-3 at this grid spacing, mass outside < 1e-3.
+    assert total == pytest.approx(1.0, abs=1e-2)
+
+
+@pytest.mark.parametrize("context_dim", CONDITIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_log_prob_is_base_log_prob_plus_autograd_log_det_of_the_inverse(fitted, name, context_dim):
+    flow, _, _ = fitted[name, context_dim]
+    context = context_for(context_dim)
+    d = flow(context)
+    with torch.no_grad():
+        on_sample = d.sample((3,))
+    off_sample = torch.tensor([[4.0, -3.0], [-0.5, 6.0]], dtype=torch.float64)
+
+    def inverse(x):
+        for t in reversed(d.transforms):
+            x = t.with_cache(0).inv(x) if hasattr(t, "with_cache") else t.inv(x)
+        return x
+
+    for x in torch.cat([on_sample, off_sample]):
+        z = inverse(x)
+        log_det = torch.log(torch.abs(torch.det(jacobian(inverse, x))))
+        expected = d.base_dist.log_prob(z) + log_det
+        torch.testing.assert_close(flow(context).log_prob(x), expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("context_dim", CONDITIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_sample_moments_agree_with_importance_estimates(fitted, name, context_dim):
+    flow, _, _ = fitted[name, context_dim]
+    context = context_for(context_dim)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        d = flow(context)
+        samples = d.sample((40_000,))
+        proposal = dist.Normal(torch.zeros(2, dtype=torch.float64), 3.0).to_event(1)
+        xs = proposal.sample((200_000,))
+        log_w = flow(context).log_prob(xs) - proposal.log_prob(xs)
+        w = torch.softmax(log_w, 0).unsqueeze(-1)
+        is_mean = (w * xs).sum(0)
+        is_var = (w * (xs - is_mean) ** 2).sum(0)
+    # Monte Carlo errors: ~0.01 on the sample mean, a few 0.01 on the importance estimates
+    # (effective sample size in the thousands); 0.1 on means and 10% on variances is ample.
+    torch.testing.assert_close(samples.mean(0), is_mean, atol=0.1, rtol=0)
+    torch.testing.assert_close(samples.var(0), is_var, atol=0.1, rtol=0.1)
+
+
+@pytest.mark.parametrize("context_dim", CONDITIONS)
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_and_reparameterised_samples(name, context_dim):
+    flow = BUILDERS[name](context_dim=context_dim)
+    with torch.no_grad():  # move away from the identity so gradients are non-trivial
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    context = torch.randn(5, context_dim) if context_dim else None
+    d = flow(context)
+    batch = (5,) if context_dim else ()
+    assert d.batch_shape == batch and d.event_shape == (2,)
+    x = d.rsample((4, 3))
+    assert x.shape == (4, 3, *batch, 2)
+    assert d.log_prob(x).shape == (4, 3, *batch)
+    x.sum().backward()
+    grads = [p.grad for p in flow.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+    assert d.has_rsample
+
+
+def conditioners(flow: pf.Flow) -> list[torch.nn.Module]:
+    return [t.conditioner for t in flow.transforms if isinstance(t, (_Coupling, _Autoregressive))]
+
+
+@pytest.mark.parametrize("context_dim", CONDITIONS)
+@pytest.mark.parametrize("name", ["IAF", "RealNVP", "NICE", "NSF"])
+def test_scoring_own_samples_costs_no_extra_pass(name, context_dim):
+    flow = BUILDERS[name](context_dim=context_dim)
+    nets = conditioners(flow)
+    calls = []
+    for net in nets:
+        net.register_forward_hook(lambda *_: calls.append(1))
+    context = torch.randn(8, context_dim) if context_dim else None
+    for _ in range(2):  # twice in a row, each with its own backward pass
+        calls.clear()
+        d = flow(context)
+        x = d.rsample((8,))
+        log_prob = d.log_prob(x)
+        assert len(calls) == len(nets)  # one pass per layer, all spent by rsample
+        (log_prob.sum() + x.sum()).backward()
+
+
+def test_maf_density_is_one_pass_per_layer_and_sampling_is_sequential():
+    flow = pf.MAF(3, layers=2, hidden=(8, 8))
+    calls = []
+    for net in conditioners(flow):
+        net.register_forward_hook(lambda *_: calls.append(1))
+    flow().log_prob(torch.randn(4, 3))
+    assert len(calls) == 2
+    calls.clear()
+    flow().sample((4,))
+    assert len(calls) == 2 * 3
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_and_float64_and_state_dict(name):
+    flow = BUILDERS[name](context_dim=2)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(6, 2)
+    c = torch.randn(6, 2)
+    lp32 = flow(c).log_prob(x)
+    assert lp32.dtype == torch.float32 and torch.isfinite(lp32).all()
+    buffer = io.BytesIO()
+    torch.save(flow.state_dict(), buffer)
+    buffer.seek(0)
+    torch.manual_seed(99)
+    fresh = BUILDERS[name](context_dim=2)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(fresh(c).log_prob(x), lp32)
+    lp64 = flow.double()(c.double()).log_prob(x.double())
+    assert lp64.dtype == torch.float64
+    torch.testing.assert_close(lp64.float(), lp32, atol=1e-4, rtol=1e-4)
+    assert flow(c.double()).sample().dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_context_errors(name):
+    conditional = BUILDERS[name](context_dim=3)
+    with pytest.raises(ValueError, match="needs a context"):
+        conditional()
+    with pytest.raises(ValueError, match="expected a context with last dimension 3"):
+        conditional(torch.randn(4, 2))
+    with pytest.raises(ValueError, match="is unconditional"):
+        BUILDERS[name]()(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_in_a_pyro_model_and_guide_under_a_plate(name):
+    """SVI with a conditional flow guide under a plate: no shape warnings, params registered."""
+    flow = BUILDERS[name](context_dim=2)
+    encoder = torch.nn.Linear(2, 2)
+    data = torch.randn(16, 2)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("flow", flow)
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", flow(encoder(x)))
+
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        losses = [svi.step(data) for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    names = set(pyro.get_param_store().keys())
+    assert {f"flow$$${n}" for n, _ in flow.named_parameters()} <= names
+
+
+def test_flow_of_a_single_feature_and_conditional_base():
+    q = pf.IAF(1, layers=2, hidden=(8,), context_dim=3, base="conditional_normal")
+    context = torch.randn(4, 3)
+    d = q(context)
+    assert d.batch_shape == (4,) and d.rsample().shape == (4, 1)
+    assert isinstance(q.base, pf.bases.ConditionalDiagNormal)
+    # the base starts at N(0, I) for every context and then depends on it
+    torch.testing.assert_close(d.base_dist.mean, torch.zeros(4, 1))
+    with torch.no_grad():
+        for p in q.base.parameters():
+            p.add_(torch.randn_like(p))
+    means = q(context).base_dist.mean
+    assert not torch.allclose(means[0], means[1])
+    with pytest.raises(ValueError, match="needs context_dim > 0"):
+        pf.MAF(2, base="conditional_normal")
+
+
+def test_builder_argument_errors():
+    with pytest.raises(ValueError, match="layers: expected a positive integer"):
+        pf.RealNVP(2, layers=0)
+    with pytest.raises(ValueError, match="mixing: expected one of"):
+        pf.MAF(2, mixing="shuffle")
+    with pytest.raises(ValueError, match="spline coupling needs at least 2 features"):
+        pf.NSF(1)
+    with pytest.raises(ValueError, match="linear: expected 'lu' or 'qr'"):
+        pf.LinearFlow(2, linear="svd")
+    with pytest.raises(ValueError, match="base: expected one of"):
+        pf.RealNVP(2, base="laplace")
+    with pytest.raises(TypeError, match="expected Pyro/torch transforms"):
+        pf.Flow([torch.nn.Linear(2, 2)], dim=2)
+
+
+def test_custom_flow_with_a_plain_torch_transform():
+    flow = pf.Flow(
+        [pf.transforms.AffineCoupling(2, hidden=(8,)), dist.transforms.ExpTransform()], dim=2
+    )
+    x = flow().sample((10,))
+    assert (x > 0).all() and torch.isfinite(flow().log_prob(x)).all()
+
+
+def _check_device(device: str) -> None:
+    for name in NAMES:
+        flow = BUILDERS[name](context_dim=2).to(device)
+        c = torch.randn(4, 2, device=device)
+        x = flow(c).rsample()
+        assert x.device.type == device
+        assert flow(c).log_prob(x).device.type == device
+
+
+@pytest.mark.cuda
+def test_flows_move_to_cuda():
+    _check_device("cuda")
