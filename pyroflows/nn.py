@@ -8,7 +8,7 @@ inference, see the design notes).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from itertools import pairwise
+from itertools import islice, pairwise
 
 import torch
 import torch.nn.functional as F
@@ -279,7 +279,7 @@ class MADE(nn.Module):
             )
         else:
             h = F.linear(x, weight, first.bias)
-        for activation, layer in zip(self.activations, self.layers[1:], strict=True):
+        for activation, layer in zip(self.activations, islice(self.layers, 1, None), strict=True):
             h = layer(activation(h))
         return h.unflatten(-1, (self.dim, self.out_per_dim))
 

@@ -240,13 +240,14 @@ class FlowTransform(_FusedCalls, TransformModule, ConditionalTransform):
         return ", ".join(parts)
 
 
-class ConditionedTransform(_FusedCalls, TransformModule):
+class ConditionedTransform(_FusedCalls, Transform):
     """A :class:`FlowTransform` bound to one context (or to none), with its own cache.
 
-    Returned by :meth:`FlowTransform.condition` and :meth:`FlowTransform.with_cache`; it shares
-    the parameters of the module it was made from (which it holds as a sub-module, so
-    ``pyro.module`` and ``.parameters()`` still reach them) and lives as long as the distribution
-    that uses it.
+    Returned by :meth:`FlowTransform.condition` and :meth:`FlowTransform.with_cache`; it computes
+    with the parameters of the module it was made from (``view.module``) and lives as long as
+    the distribution that uses it. It is a plain, cheap ``Transform`` rather than a module: a
+    flow makes one per layer on every call, and the parameters stay registered where they
+    belong, on the module (which is what ``pyro.module`` and optimisers should be given).
 
     Args:
         module: the transform to bind.
@@ -262,15 +263,9 @@ class ConditionedTransform(_FusedCalls, TransformModule):
         super().__init__(cache_size=cache_size)
         self.module = module
         self.context = context
+        self.domain = module.domain
+        self.codomain = module.codomain
         self._kept = None
-
-    @property
-    def domain(self):
-        return self.module.domain
-
-    @property
-    def codomain(self):
-        return self.module.codomain
 
     def _target(self) -> tuple[FlowTransform, torch.Tensor | None]:
         return self.module, self.context
@@ -286,7 +281,8 @@ class ConditionedTransform(_FusedCalls, TransformModule):
     def inverse_shape(self, shape):
         return self.module.inverse_shape(shape)
 
-    def __hash__(self) -> int:
-        return nn.Module.__hash__(self)
+    __hash__ = object.__hash__
 
-    __repr__ = nn.Module.__repr__
+    def __repr__(self) -> str:
+        context = "None" if self.context is None else f"<context {tuple(self.context.shape)}>"
+        return f"{type(self).__name__}({type(self.module).__name__}, context={context})"
