@@ -5,10 +5,12 @@ Transforms are Pyro ``TransformModule``\\ s (:mod:`pyroflows.transforms`); flows
 a Pyro distribution: ``flow()`` or, for a conditional flow, ``flow(context)``.
 """
 
+__version__ = "0.1.0"
+
 from . import bases, flows, nn, transforms
 from .flows import IAF, MAF, NICE, NSF, Flow, LinearFlow, RealNVP
-
-__version__ = "0.1.0"
+from .io import load, save
+from .train import History, TrainingDiverged, fit
 
 __all__ = [
     "IAF",
@@ -16,11 +18,16 @@ __all__ = [
     "NICE",
     "NSF",
     "Flow",
+    "History",
     "LinearFlow",
     "RealNVP",
+    "TrainingDiverged",
     "__version__",
     "bases",
+    "fit",
     "flows",
+    "load",
     "nn",
+    "save",
     "transforms",
 ]

@@ -10,7 +10,10 @@ nothing stale survives an optimiser step. Call the flow again after each step.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import pyro.distributions as dist
 import torch
@@ -39,6 +42,14 @@ from .transforms.splines import SplineAutoregressive, SplineCoupling
 __all__ = ["IAF", "MAF", "NICE", "NSF", "Flow", "LinearFlow", "RealNVP"]
 
 MIXINGS = ("reverse", "random", "lu", "qr", None)
+
+#: Flow subclasses by qualified name, so that :func:`pyroflows.load` can rebuild a saved flow
+#: from its JSON configuration without importing anything by name.
+REGISTRY: dict[str, type[Flow]] = {}
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class Flow(nn.Module):
@@ -93,6 +104,35 @@ class Flow(nn.Module):
         self.base = make_base(base, dim, context_dim, base_hidden)
         self.transforms = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
         self._chain = list(transforms)
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Record each builder's constructor arguments (its configuration) and register it."""
+        super().__init_subclass__(**kwargs)
+        REGISTRY[_qualified_name(cls)] = cls
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            init(self, *args, **kw)
+            if type(self) is cls:  # the most derived constructor records
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                arguments = dict(bound.arguments)
+                arguments.pop(next(iter(signature.parameters)))
+                self._config_kwargs = arguments
+
+        cls.__init__ = recording_init
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        """The builder and the arguments it was called with (``None`` for a hand-built Flow)."""
+        kwargs = getattr(self, "_config_kwargs", None)
+        if kwargs is None:
+            return None
+        return {"builder": _qualified_name(type(self)), "kwargs": dict(kwargs)}
 
     def forward(self, context: torch.Tensor | None = None) -> dist.TransformedDistribution:
         """The flow's distribution (for ``context``, when the flow is conditional).

@@ -1,0 +1,473 @@
+"""Maximum-likelihood training of flows: :func:`fit`.
+
+``fit`` minimises the mean negative log-likelihood of data (the forward KL divergence from the
+data distribution to the flow) with minibatches, keeps the best state by validation NLL, stops
+early when asked, and guards the run: bad data is refused before training, a non-finite loss
+stops training with the flow restored to its last state whose loss was finite, Ctrl-C keeps the
+best state so far, and a checkpoint folder lets a killed run resume exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .flows import Flow
+
+__all__ = ["History", "TrainingDiverged", "fit"]
+
+DEFAULT_STEPS = 1000
+EVAL_BATCH = 4096
+INIT_BATCH = 4096
+# Data larger than this stays on the CPU and moves to the device one batch at a time.
+DEVICE_DATA_BYTES = 1 << 30
+
+
+@dataclass
+class History:
+    """What :func:`fit` did.
+
+    Attributes:
+        train_loss: the minibatch NLL (nats per sample) of every step.
+        valid_steps: the steps at which the validation NLL was measured.
+        valid_nll: the validation NLL (nats per sample) at those steps.
+        best_step: the step of the best validation NLL (whose state the flow holds at the end),
+            or ``None`` without validation.
+        best_valid_nll: that NLL.
+        steps: the number of steps taken (including those before a resume).
+        seconds: wall-clock time of training (this call).
+        stopped_early: whether ``patience`` ran out.
+        interrupted: whether training ended with ``KeyboardInterrupt``.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    valid_steps: list[int] = field(default_factory=list)
+    valid_nll: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    best_valid_nll: float | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    interrupted: bool = False
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the flow holds its last state with a finite loss.
+
+    Attributes:
+        history: the :class:`History` up to the failure.
+        step: the step whose loss was not finite.
+    """
+
+    def __init__(self, message: str, history: History, step: int) -> None:
+        super().__init__(message)
+        self.history = history
+        self.step = step
+
+
+def _as_tensor(name: str, value: Any, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(value)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor or a numpy array; got {type(value).__name__}")
+    if not (value.is_floating_point() or value.dtype in (torch.uint8, torch.int32, torch.int64)):
+        raise TypeError(f"{name}: expected real numbers; got dtype {value.dtype}")
+    return value.to(dtype)
+
+
+def _check_rows(name: str, x: torch.Tensor, width: int, what: str) -> None:
+    if x.dim() != 2 or x.shape[1] != width:
+        raise ValueError(f"{name}: expected shape (N, {width}) ({what}); got {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one row; got none")
+    bad = (~torch.isfinite(x)).any(dim=1).nonzero().squeeze(1)
+    if bad.numel():
+        shown = bad[:10].tolist()
+        more = f" and {bad.numel() - 10} more" if bad.numel() > 10 else ""
+        raise ValueError(
+            f"{name}: expected finite values; rows {shown}{more} contain NaN or inf "
+            f"({bad.numel()} of {x.shape[0]} rows)"
+        )
+
+
+def _split(
+    x: torch.Tensor,
+    c: torch.Tensor | None,
+    valid: Any,
+    valid_context: Any,
+    generator: torch.Generator,
+    flow: Flow,
+    dtype: torch.dtype,
+):
+    """Training and validation sets (validation may be None)."""
+    if valid is None or (isinstance(valid, (int, float)) and not isinstance(valid, bool)):
+        fraction = 0.0 if valid is None else float(valid)
+        if not 0.0 <= fraction < 1.0:
+            raise ValueError(f"valid: expected a fraction in [0, 1); got {valid!r}")
+        n_valid = round(fraction * len(x))
+        if fraction > 0 and n_valid == 0:
+            n_valid = 1
+        if n_valid >= len(x):
+            raise ValueError(
+                f"valid: a fraction of {fraction} leaves no training data out of {len(x)} rows"
+            )
+        if n_valid == 0:
+            return x, c, None, None
+        order = torch.randperm(len(x), generator=generator)
+        v_idx, t_idx = order[:n_valid], order[n_valid:]
+        if c is None:
+            return x[t_idx], None, x[v_idx], None
+        return x[t_idx], c[t_idx], x[v_idx], c[v_idx]
+    xv = _as_tensor("valid", valid, dtype)
+    _check_rows("valid", xv, flow.dim, "rows of validation data")
+    cv = None
+    if flow.context_dim:
+        if valid_context is None:
+            raise ValueError("valid_context: a conditional flow needs the validation contexts")
+        cv = _as_tensor("valid_context", valid_context, dtype)
+        _check_rows("valid_context", cv, flow.context_dim, "one context per validation row")
+        if len(cv) != len(xv):
+            raise ValueError(
+                f"valid_context: expected {len(xv)} rows, one per validation row; got {len(cv)}"
+            )
+    return x, c, xv, cv
+
+
+def _make_optimizer(optimizer: Any, params, lr: float, weight_decay: float):
+    if optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if callable(optimizer):
+        return optimizer(params)
+    raise ValueError(
+        f"optimizer: expected 'adam', 'adamw' or a callable params -> optimizer; got {optimizer!r}"
+    )
+
+
+class _Guard:
+    """Remembers the last parameters whose loss was verified finite (two snapshots).
+
+    Losses are checked at sync points (every step on the CPU; every few steps on a GPU, where
+    reading a loss waits for the device). ``candidate`` holds the parameters at the start of
+    the current window, ``good`` those at the start of the previous one; when a window's losses
+    are all finite the candidate is known good.
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.good = [p.detach().clone() for p in params]
+        self.candidate = [p.detach().clone() for p in params]
+        self.good_step = self.candidate_step = -1
+
+    def advance(self, step: int) -> None:
+        self.good, self.candidate = self.candidate, self.good
+        self.good_step = self.candidate_step
+        with torch.no_grad():
+            torch._foreach_copy_(self.candidate, [p.detach() for p in self.params])
+        self.candidate_step = step
+
+    def restore(self, bad_step: int) -> int:
+        source, step = (
+            (self.candidate, self.candidate_step)
+            if bad_step > self.candidate_step >= 0
+            else (self.good, self.good_step)
+        )
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in self.params], source)
+        return step
+
+
+def _nll(flow: Flow, x: torch.Tensor, c: torch.Tensor | None, device) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, len(x), EVAL_BATCH):
+            xb = x[start : start + EVAL_BATCH].to(device, non_blocking=True)
+            cb = None if c is None else c[start : start + EVAL_BATCH].to(device)
+            total += -flow(cb).log_prob(xb).sum().item()
+    return total / len(x)
+
+
+def fit(
+    flow: Flow,
+    data: torch.Tensor | np.ndarray,
+    *,
+    context: torch.Tensor | np.ndarray | None = None,
+    steps: int | None = None,
+    epochs: int | None = None,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    optimizer: str | Callable = "adam",
+    weight_decay: float = 0.0,
+    scheduler: str | None = "cosine",
+    valid: float | torch.Tensor | np.ndarray | None = 0.1,
+    valid_context: torch.Tensor | np.ndarray | None = None,
+    eval_every: int | None = None,
+    patience: int | None = None,
+    clip_grad: float | None = 10.0,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
+    seed: int | None = None,
+    callback: Callable[[int, History], bool | None] | None = None,
+) -> History:
+    """Fit a flow to data by maximum likelihood (minibatch Adam on the mean NLL).
+
+    The validation NLL is measured every ``eval_every`` steps; at the end the flow holds the
+    parameters of the best one (or the last step's, without validation).
+
+    Args:
+        flow: the flow to train (in place).
+        data: ``(N, dim)`` tensor or array; converted to the flow's dtype.
+        context: ``(N, context_dim)`` contexts for a conditional flow (p(x | c)).
+        steps: number of optimiser steps (default 1000 unless ``epochs`` is given).
+        epochs: number of passes over the training data (instead of ``steps``).
+        batch_size: rows per step.
+        lr: learning rate.
+        optimizer: ``"adam"``, ``"adamw"`` or a callable ``params -> torch.optim.Optimizer``.
+        weight_decay: weight decay of the Adam optimisers.
+        scheduler: ``"cosine"`` (decay to 0 over the run) or ``None`` (constant rate).
+        valid: a fraction of ``data`` to hold out (taken at random), a validation tensor, or
+            ``None``/``0`` for none.
+        valid_context: the contexts of a validation tensor (conditional flows).
+        eval_every: steps between validations (default: about 40 per run).
+        patience: stop after this many validations without improvement (default: never).
+        clip_grad: maximum gradient norm (``None``: no clipping).
+        device: train there (``"cuda"``); the flow stays there afterwards. Data up to 1 GiB moves
+            with it, larger data moves one batch at a time.
+        progress: show a progress bar (step, train and validation NLL, steps/s).
+        checkpoint: a folder where the run's complete state is written at every validation and
+            at the end (``state.pt``, loaded with ``weights_only=True``, and ``model/`` as
+            written by :func:`pyroflows.save` when the flow has a builder configuration).
+        resume: continue from ``checkpoint`` when it holds a run (the same flow architecture,
+            data and arguments give the same result as an uninterrupted run).
+        seed: seeds the validation split, the minibatches and torch's global generator.
+        callback: called as ``callback(step, history)`` after every validation; returning
+            ``True`` stops training.
+
+    Returns:
+        A :class:`History`.
+
+    Raises:
+        ValueError: for data of the wrong shape or with NaN/inf (naming the rows), missing or
+            mis-sized contexts, or inconsistent arguments; nothing is trained then.
+        TrainingDiverged: when a loss is NaN or infinite; the flow is first restored to its last
+            state whose loss was finite, and the exception carries the history.
+
+    Example:
+        >>> import torch, pyroflows as pf
+        >>> _ = torch.manual_seed(0)
+        >>> data = torch.randn(512, 2) * torch.tensor([2.0, 0.5]) + 1.0
+        >>> flow = pf.RealNVP(dim=2, layers=2, hidden=(16,))
+        >>> history = pf.fit(flow, data, steps=200, progress=False, seed=0)
+        >>> history.best_valid_nll < history.valid_nll[0]
+        True
+    """
+    if not isinstance(flow, Flow):
+        raise TypeError(f"flow: expected a pyroflows Flow; got {type(flow).__name__}")
+    if steps is not None and epochs is not None:
+        raise ValueError("steps, epochs: give one of them, not both")
+    for name, value in (("batch_size", batch_size), ("steps", steps), ("epochs", epochs)):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < 1
+        ):
+            raise ValueError(f"{name}: expected a positive integer; got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr: expected a positive number; got {lr!r}")
+    if scheduler not in ("cosine", None):
+        raise ValueError(f"scheduler: expected 'cosine' or None; got {scheduler!r}")
+    if resume and checkpoint is None:
+        raise ValueError("resume: needs the checkpoint folder to resume from")
+
+    params = list(flow.parameters())
+    dtype = params[0].dtype if params else torch.get_default_dtype()
+    x = _as_tensor("data", data, dtype)
+    _check_rows("data", x, flow.dim, "one row per point, as many columns as the flow's dim")
+    c = None
+    if flow.context_dim:
+        if context is None:
+            raise ValueError(
+                f"context: the flow was built with context_dim={flow.context_dim}; pass one "
+                f"context row per data row, shape (N, {flow.context_dim})"
+            )
+        c = _as_tensor("context", context, dtype)
+        _check_rows("context", c, flow.context_dim, "one context per data row")
+        if len(c) != len(x):
+            raise ValueError(f"context: expected {len(x)} rows, one per data row; got {len(c)}")
+    elif context is not None:
+        raise ValueError("context: the flow is unconditional (context_dim=0); got a context")
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+    x, c, xv, cv = _split(x, c, valid, valid_context, generator, flow, dtype)
+    n = len(x)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = epochs * steps_per_epoch if epochs is not None else (steps or DEFAULT_STEPS)
+    eval_every = eval_every or max(1, total // 40)
+
+    device = torch.device(device) if device is not None else (params[0].device if params else None)
+    flow.to(device)
+    params = list(flow.parameters())
+    if x.numel() * x.element_size() <= DEVICE_DATA_BYTES:
+        x = x.to(device)
+        c = None if c is None else c.to(device)
+
+    opt = _make_optimizer(optimizer, params, lr, weight_decay)
+    sched = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if scheduler == "cosine" else None
+    )
+    history = History()
+    best_state: dict[str, torch.Tensor] | None = None
+    since_best = 0
+    start = 0
+    order = torch.randperm(n, generator=generator)
+    folder = Path(checkpoint) if checkpoint is not None else None
+    if resume and folder is not None and (folder / "state.pt").is_file():
+        saved = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        flow.load_state_dict(saved["flow"])
+        opt.load_state_dict(saved["optimizer"])
+        if sched is not None and saved["scheduler"] is not None:
+            sched.load_state_dict(saved["scheduler"])
+        generator.set_state(saved["generator"])
+        order = saved["order"]
+        history = History(**saved["history"])
+        history.seconds = 0.0
+        best_state = saved["best"]
+        since_best = saved["since_best"]
+        start = history.steps
+        if start >= total:
+            raise ValueError(
+                f"resume: the checkpoint in {folder} has already run {start} of {total} steps"
+            )
+    elif len(x):
+        # Data-dependent initialisation (ActNorm) from one large batch rather than the first
+        # minibatch.
+        with torch.no_grad():
+            flow(None if c is None else c[:INIT_BATCH]).log_prob(x[:INIT_BATCH].to(device))
+
+    guard = _Guard(params)
+    pending: list[torch.Tensor] = []
+    sync_every = 1 if device is None or device.type == "cpu" else 25
+    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", desc="fit")
+    t0 = time.perf_counter()
+
+    def flush(step: int) -> None:
+        """Check the losses since the last sync; on a non-finite one restore and raise."""
+        if not pending:
+            return
+        values = torch.stack(pending).tolist()
+        first = step - len(values)
+        pending.clear()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                history.train_loss.extend(values[:i])
+                history.steps = first + i
+                history.seconds += time.perf_counter() - t0
+                restored = guard.restore(first + i)
+                raise TrainingDiverged(
+                    f"fit: the loss at step {first + i} is {v}; the flow was restored to its "
+                    f"state at step {max(restored, 0)}, the last with a finite loss. Try a lower "
+                    "lr, gradient clipping (clip_grad) or standardised data.",
+                    history,
+                    first + i,
+                )
+        history.train_loss.extend(values)
+
+    def evaluate(step: int) -> bool:
+        nonlocal best_state, since_best
+        if xv is None:
+            return False
+        nll = _nll(flow, xv, cv, device)
+        history.valid_steps.append(step)
+        history.valid_nll.append(nll)
+        if history.best_valid_nll is None or nll < history.best_valid_nll:
+            history.best_valid_nll, history.best_step = nll, step
+            best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
+            since_best = 0
+        else:
+            since_best += 1
+        return patience is not None and since_best >= patience
+
+    def save_checkpoint() -> None:
+        if folder is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            "flow": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "scheduler": None if sched is None else sched.state_dict(),
+            "generator": generator.get_state(),
+            "order": order,
+            "history": asdict(history),
+            "best": None if best_state is None else {k: v.cpu() for k, v in best_state.items()},
+            "since_best": since_best,
+        }
+        torch.save(state, folder / "state.pt.tmp")
+        os.replace(folder / "state.pt.tmp", folder / "state.pt")
+        if flow.config is not None:
+            from .io import save
+
+            save(flow, folder / "model")
+
+    step = start
+    try:
+        while step < total:
+            if step % sync_every == 0:
+                flush(step)
+                guard.advance(step)
+            position = step % steps_per_epoch
+            if position == 0 and step > 0:
+                order = torch.randperm(n, generator=generator)
+            idx = order[position * batch_size : (position + 1) * batch_size]
+            xb = x[idx.to(x.device)].to(device, non_blocking=True)
+            cb = None if c is None else c[idx.to(c.device)].to(device, non_blocking=True)
+            loss = -flow(cb).log_prob(xb).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(params, clip_grad)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            pending.append(loss.detach())
+            step += 1
+            bar.update(1)
+            last = step == total
+            if step % eval_every == 0 or last:
+                flush(step)
+                history.steps = step
+                stop = evaluate(step)
+                postfix = {"train": f"{history.train_loss[-1]:.4f}"}
+                if history.valid_nll:
+                    postfix["valid"] = f"{history.valid_nll[-1]:.4f}"
+                bar.set_postfix(postfix, refresh=False)
+                save_checkpoint()
+                if callback is not None and callback(step, history):
+                    break
+                if stop:
+                    history.stopped_early = True
+                    break
+    except KeyboardInterrupt:
+        history.interrupted = True
+        flush(step)
+        history.steps = step
+    finally:
+        bar.close()
+    history.seconds += time.perf_counter() - t0
+    if best_state is not None:
+        flow.load_state_dict(best_state)
+    if history.interrupted or history.stopped_early:
+        save_checkpoint()
+    return history
