@@ -37,6 +37,7 @@ from .transforms import (
     coupling_mask,
 )
 from .transforms.autoregressive import MaskedAffineAutoregressive
+from .transforms.base import check_context
 from .transforms.splines import SplineAutoregressive, SplineCoupling
 
 __all__ = ["IAF", "MAF", "NICE", "NSF", "Flow", "LinearFlow", "RealNVP"]
@@ -160,19 +161,7 @@ class Flow(nn.Module):
                     f"got a context of shape {tuple(context.shape)}"
                 )
             return None
-        if context is None:
-            raise ValueError(
-                f"{name} was built with context_dim={self.context_dim} and needs a context: "
-                f"call flow(context) with a context of shape (*batch, {self.context_dim})"
-            )
-        if not isinstance(context, torch.Tensor):
-            raise TypeError(f"{name}: expected the context as a tensor; got {type(context)}")
-        if context.dim() == 0 or context.shape[-1] != self.context_dim:
-            raise ValueError(
-                f"{name}: expected a context with last dimension {self.context_dim}; "
-                f"got shape {tuple(context.shape)}"
-            )
-        return context
+        return check_context(name, context, self.context_dim, "call flow(context)")
 
     def extra_repr(self) -> str:
         extra = f"dim={self.dim}"

@@ -14,7 +14,31 @@ from torch import nn
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform, _InverseTransform
 
-__all__ = ["ConditionedTransform", "FlowTransform"]
+__all__ = ["ConditionedTransform", "FlowTransform", "check_context"]
+
+
+def check_context(
+    name: str, context: torch.Tensor | None, context_dim: int, how: str
+) -> torch.Tensor:
+    """Check a context for something built with ``context_dim > 0``; ``how`` says how to pass it.
+
+    Raises:
+        ValueError: when the context is missing or its last dimension is not ``context_dim``.
+        TypeError: when it is not a tensor.
+    """
+    if context is None:
+        raise ValueError(
+            f"{name} was built with context_dim={context_dim} and needs a context: "
+            f"{how} with a context of shape (*batch, {context_dim})"
+        )
+    if not isinstance(context, torch.Tensor):
+        raise TypeError(f"{name}: expected the context as a tensor; got {type(context)}")
+    if context.dim() == 0 or context.shape[-1] != context_dim:
+        raise ValueError(
+            f"{name}: expected a context with last dimension {context_dim}; "
+            f"got shape {tuple(context.shape)}"
+        )
+    return context
 
 
 class _FusedCalls:
@@ -194,20 +218,9 @@ class FlowTransform(_FusedCalls, TransformModule, ConditionalTransform):
     def _resolve_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
         if self.context_dim == 0:
             return None
-        name = type(self).__name__
-        if context is None:
-            raise ValueError(
-                f"{name} was built with context_dim={self.context_dim} and needs a context: "
-                f"use t.condition(context) with a context of shape (*batch, {self.context_dim})"
-            )
-        if not isinstance(context, torch.Tensor):
-            raise TypeError(f"{name}: expected the context as a tensor; got {type(context)}")
-        if context.dim() == 0 or context.shape[-1] != self.context_dim:
-            raise ValueError(
-                f"{name}: expected a context with last dimension {self.context_dim}; "
-                f"got shape {tuple(context.shape)}"
-            )
-        return context
+        return check_context(
+            type(self).__name__, context, self.context_dim, "use t.condition(context)"
+        )
 
     def _check_event(self, x: torch.Tensor, what: str) -> None:
         name = type(self).__name__
