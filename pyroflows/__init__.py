@@ -7,7 +7,7 @@ a Pyro distribution: ``flow()`` or, for a conditional flow, ``flow(context)``.
 
 __version__ = "0.1.0"
 
-from . import bases, flows, nn, transforms
+from . import bases, datasets, flows, nn, transforms
 from .flows import IAF, MAF, NICE, NSF, Flow, LinearFlow, RealNVP
 from .io import load, save
 from .train import History, TrainingDiverged, fit
@@ -24,6 +24,7 @@ __all__ = [
     "TrainingDiverged",
     "__version__",
     "bases",
+    "datasets",
     "fit",
     "flows",
     "load",
