@@ -3,6 +3,12 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    # The tests run many small tensor operations, for which extra intra-op threads only add
+    # contention (CI and developer machines have 2 cores); one thread makes them fast and stable.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
