@@ -7,7 +7,7 @@ a Pyro distribution: ``flow()`` or, for a conditional flow, ``flow(context)``.
 
 __version__ = "0.1.0"
 
-from . import bases, datasets, flows, nn, transforms
+from . import bases, datasets, diagnostics, flows, infer, nn, transforms
 from .flows import IAF, MAF, NICE, NSF, Flow, LinearFlow, RealNVP
 from .io import load, save
 from .train import History, TrainingDiverged, fit
@@ -25,8 +25,10 @@ __all__ = [
     "__version__",
     "bases",
     "datasets",
+    "diagnostics",
     "fit",
     "flows",
+    "infer",
     "load",
     "nn",
     "save",

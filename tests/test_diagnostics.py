@@ -1,0 +1,129 @@
+"""PSIS k-hat, importance ESS and ArviZ export, on models whose posterior is known."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+from pyroflows.diagnostics import (
+    ESS,
+    PSIS,
+    importance_ess,
+    khat_reading,
+    psis_khat,
+    to_inference_data,
+)
+
+X = torch.tensor([0.3, 1.2, -0.4, 2.0, 0.9])
+POST_MEAN, POST_SD = X.sum() / (1 + len(X)), (1 / (1 + len(X))) ** 0.5
+
+
+def model(x):
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def guide_with(scale):
+    def guide(x):
+        pyro.sample("z", dist.Normal(POST_MEAN, scale * POST_SD))
+
+    return guide
+
+
+def test_khat_is_good_for_the_exact_posterior():
+    result = psis_khat(model, guide_with(1.0), X, num_samples=1000)
+    # Constant weights (up to float32 rounding) have no tail at all: k-hat far below 0.5.
+    assert isinstance(result, PSIS)
+    assert result.khat < 0.5 and result.reading == "good"
+
+
+def test_khat_flags_a_much_too_narrow_guide():
+    # With q 0.2x as wide as the posterior the weights' tail is Pareto with k near
+    # 1 - 0.2^2 ~ 0.96 (Yao et al. 2018, for Gaussians); 2000 draws estimate it within ~0.1.
+    result = psis_khat(model, guide_with(0.2), X, num_samples=2000)
+    assert result.khat > 0.7 and result.reading == "unreliable"
+
+
+def test_ess_is_all_samples_for_the_exact_posterior_and_few_for_a_narrow_guide():
+    exact = importance_ess(model, guide_with(1.0), X, num_samples=800)
+    assert isinstance(exact, ESS)
+    assert exact.ess == pytest.approx(800, rel=1e-4) and exact.fraction == pytest.approx(
+        1, rel=1e-4
+    )
+    narrow = importance_ess(model, guide_with(0.2), X, num_samples=800)
+    # Kish's ESS of a Gaussian proposal 5x too narrow is a few percent of the draws.
+    assert 1 <= narrow.ess < 0.2 * 800
+
+
+@pytest.mark.parametrize(
+    ("khat", "reading"),
+    [
+        (-1.0, "good"),
+        (0.49, "good"),
+        (0.5, "ok"),
+        (0.69, "ok"),
+        (0.7, "unreliable"),
+        (float("nan"), "unreliable"),
+        (float("inf"), "unreliable"),
+    ],
+)
+def test_khat_reading(khat, reading):
+    assert khat_reading(khat) == reading
+
+
+def shaped_model(y):
+    scale = pyro.sample("scale", dist.HalfNormal(1.0))
+    loc = pyro.sample("loc", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    with pyro.plate("groups", 4):
+        effect = pyro.sample("effect", dist.Normal(0.0, scale))
+        pyro.sample("y", dist.Normal(effect + loc.sum(), 1.0), obs=y)
+
+
+def test_inference_data_has_the_sites_in_the_constrained_space():
+    guide = AutoNormal(shaped_model)
+    y = torch.tensor([0.5, -1.0, 2.0, 0.1])
+    guide(y)  # set the guide up
+    data = to_inference_data(shaped_model, guide, y, num_samples=64, batch=25)
+    posterior = data.posterior
+    assert set(posterior.data_vars) == {"scale", "loc", "effect"}
+    assert posterior["scale"].shape == (1, 64)
+    assert posterior["loc"].shape == (1, 64, 3)
+    assert posterior["effect"].shape == (1, 64, 4)
+    # AutoNormal samples log(scale); the export holds what the model sees, so it is positive.
+    assert bool((posterior["scale"] > 0).all())
+    assert data.sample_stats["log_weight"].shape == (1, 64)
+    assert "y" not in posterior  # observed sites are data, not posterior draws
+
+
+def test_log_weights_belong_to_their_draws():
+    def one(x):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    def guide(x):
+        pyro.sample("z", dist.Normal(0.5, 2.0))
+
+    data = to_inference_data(one, guide, None, num_samples=200, batch=64)
+    z = torch.as_tensor(data.posterior["z"].values[0])
+    expected = dist.Normal(0.0, 1.0).log_prob(z) - dist.Normal(0.5, 2.0).log_prob(z)
+    got = torch.as_tensor(data.sample_stats["log_weight"].values[0], dtype=expected.dtype)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_inference_data_without_log_weights():
+    data = to_inference_data(model, guide_with(1.0), X, num_samples=10, log_weights=False)
+    assert not hasattr(data, "sample_stats")  # InferenceData (ArviZ < 1) and DataTree alike
+    assert data.posterior["z"].shape == (1, 10)
+
+
+def test_all_non_finite_weights_are_refused():
+    def positive(x):
+        pyro.sample("z", dist.HalfNormal(1.0))
+
+    def outside(x):
+        pyro.sample("z", dist.Normal(-5.0, 0.01))  # every draw is outside the model's support
+
+    with pytest.raises(ValueError, match="non-finite log weights"):
+        with pyro.validation_enabled(False):
+            psis_khat(positive, outside, None, num_samples=50)
