@@ -197,6 +197,127 @@ def _nll(flow: Flow, x: torch.Tensor, c: torch.Tensor | None, device) -> float:
     return total / len(x)
 
 
+@dataclass
+class _Loop:
+    """Steps, the non-finite guard, validation with best state, the bar, checkpoints, callback.
+
+    The owner supplies ``step() -> loss`` (one optimiser step; the loss of the state before it,
+    a float or a 0-d tensor), ``params()`` (the live tensors the guard snapshots and restores),
+    ``evaluate() -> float`` (or ``None``), ``snapshot()``/``restore(s)`` for the best state and
+    ``save()`` for a checkpoint; it reads ``best``/``since_best``/``history`` back afterwards.
+    """
+
+    name: str
+    total: int
+    history: History
+    step: Callable[[], torch.Tensor | float]
+    params: Callable[[], list[torch.Tensor]]
+    evaluate: Callable[[], float] | None
+    snapshot: Callable[[], Any]
+    restore: Callable[[Any], None]
+    eval_every: int
+    patience: int | None
+    callback: Callable[[int, History], bool | None] | None
+    progress: bool
+    sync_every: int
+    label: str
+    what: str
+    advice: str
+    save: Callable[[], None] | None = None
+    best: Any = None
+    since_best: int = 0
+
+    def _flush(self, pending: list, step: int, guard: _Guard, t0: float) -> None:
+        if not pending:
+            return
+        values = [
+            float(v)
+            for v in (torch.stack(pending).tolist() if torch.is_tensor(pending[0]) else pending)
+        ]
+        first = step - len(values)
+        pending.clear()
+        for i, v in enumerate(values):
+            if not math.isfinite(v):
+                self.history.train_loss.extend(values[:i])
+                self.history.steps = first + i
+                self.history.seconds += time.perf_counter() - t0
+                restored = guard.restore(first + i)
+                raise TrainingDiverged(
+                    f"{self.name}: the loss at step {first + i} is {v}; {self.what} was restored "
+                    f"to its state at step {max(restored, 0)}, the last with a finite loss. "
+                    f"{self.advice}",
+                    self.history,
+                    first + i,
+                )
+        self.history.train_loss.extend(values)
+
+    def _evaluate(self, step: int) -> bool:
+        if self.evaluate is None:
+            return False
+        value = float(self.evaluate())
+        history = self.history
+        history.valid_steps.append(step)
+        history.valid_nll.append(value)
+        if history.best_valid_nll is None or value < history.best_valid_nll:
+            history.best_valid_nll, history.best_step = value, step
+            self.best = self.snapshot()
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        return self.patience is not None and self.since_best >= self.patience
+
+    def run(self, start: int) -> History:
+        history = self.history
+        params = self.params()
+        guard = _Guard(params)
+        pending: list = []
+        bar = tqdm(
+            total=self.total, initial=start, disable=not self.progress, unit="step", desc=self.name
+        )
+        t0 = time.perf_counter()
+        step = window = start
+        try:
+            while step < self.total:
+                if step % self.sync_every == 0:
+                    self._flush(pending, step, guard, t0)
+                    current = self.params()
+                    if len(current) != len(guard.params):  # a parameter appeared: guard it too
+                        guard = _Guard(current)
+                    guard.advance(step)
+                pending.append(self.step())
+                step += 1
+                bar.update(1)
+                if step % self.eval_every == 0 or step == self.total:
+                    self._flush(pending, step, guard, t0)
+                    history.steps = step
+                    stop = self._evaluate(step)
+                    recent = history.train_loss[window:]
+                    window = len(history.train_loss)
+                    postfix = {self.label: f"{sum(recent) / max(len(recent), 1):.4g}"}
+                    if history.valid_nll:
+                        postfix["valid"] = f"{history.valid_nll[-1]:.4g}"
+                    bar.set_postfix(postfix, refresh=False)
+                    if self.save is not None:
+                        self.save()
+                    if self.callback is not None and self.callback(step, history):
+                        break
+                    if stop:
+                        history.stopped_early = True
+                        break
+        except KeyboardInterrupt:
+            history.interrupted = True
+            self._flush(pending, step, guard, t0)
+            history.steps = step
+        finally:
+            bar.close()
+        history.seconds += time.perf_counter() - t0
+        if self.best is not None:
+            self.restore(self.best)
+        if (history.interrupted or history.stopped_early) and self.save is not None:
+            self.save()
+        return history
+
+
 def fit(
     flow: Flow,
     data: torch.Tensor | np.ndarray,
@@ -357,52 +478,28 @@ def fit(
         with torch.no_grad():
             flow(None if c is None else c[:INIT_BATCH]).log_prob(x[:INIT_BATCH].to(device))
 
-    guard = _Guard(params)
-    pending: list[torch.Tensor] = []
-    sync_every = 1 if device is None or device.type == "cpu" else 25
-    bar = tqdm(total=total, initial=start, disable=not progress, unit="step", desc="fit")
-    t0 = time.perf_counter()
+    loop: _Loop
 
-    def flush(step: int) -> None:
-        """Check the losses since the last sync; on a non-finite one restore and raise."""
-        if not pending:
-            return
-        values = torch.stack(pending).tolist()
-        first = step - len(values)
-        pending.clear()
-        for i, v in enumerate(values):
-            if not math.isfinite(v):
-                history.train_loss.extend(values[:i])
-                history.steps = first + i
-                history.seconds += time.perf_counter() - t0
-                restored = guard.restore(first + i)
-                raise TrainingDiverged(
-                    f"fit: the loss at step {first + i} is {v}; the flow was restored to its "
-                    f"state at step {max(restored, 0)}, the last with a finite loss. Try a lower "
-                    "lr, gradient clipping (clip_grad) or standardised data.",
-                    history,
-                    first + i,
-                )
-        history.train_loss.extend(values)
-
-    def evaluate(step: int) -> bool:
-        nonlocal best_state, since_best
-        if xv is None:
-            return False
-        nll = _nll(flow, xv, cv, device)
-        history.valid_steps.append(step)
-        history.valid_nll.append(nll)
-        if history.best_valid_nll is None or nll < history.best_valid_nll:
-            history.best_valid_nll, history.best_step = nll, step
-            best_state = {k: v.detach().clone() for k, v in flow.state_dict().items()}
-            since_best = 0
-        else:
-            since_best += 1
-        return patience is not None and since_best >= patience
+    def one_step() -> torch.Tensor:
+        nonlocal order, step
+        position = step % steps_per_epoch
+        if position == 0 and step > 0:
+            order = torch.randperm(n, generator=generator)
+        idx = order[position * batch_size : (position + 1) * batch_size]
+        xb = x[idx.to(x.device)].to(device, non_blocking=True)
+        cb = None if c is None else c[idx.to(c.device)].to(device, non_blocking=True)
+        loss = -flow(cb).log_prob(xb).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        step += 1
+        return loss.detach()
 
     def save_checkpoint() -> None:
-        if folder is None:
-            return
         folder.mkdir(parents=True, exist_ok=True)
         state = {
             "flow": {k: v.detach().cpu() for k, v in flow.state_dict().items()},
@@ -410,9 +507,9 @@ def fit(
             "scheduler": None if sched is None else sched.state_dict(),
             "generator": generator.get_state(),
             "order": order,
-            "history": asdict(history),
-            "best": None if best_state is None else {k: v.cpu() for k, v in best_state.items()},
-            "since_best": since_best,
+            "history": asdict(loop.history),
+            "best": None if loop.best is None else {k: v.cpu() for k, v in loop.best.items()},
+            "since_best": loop.since_best,
         }
         torch.save(state, folder / "state.pt.tmp")
         os.replace(folder / "state.pt.tmp", folder / "state.pt")
@@ -422,52 +519,25 @@ def fit(
             save(flow, folder / "model")
 
     step = start
-    try:
-        while step < total:
-            if step % sync_every == 0:
-                flush(step)
-                guard.advance(step)
-            position = step % steps_per_epoch
-            if position == 0 and step > 0:
-                order = torch.randperm(n, generator=generator)
-            idx = order[position * batch_size : (position + 1) * batch_size]
-            xb = x[idx.to(x.device)].to(device, non_blocking=True)
-            cb = None if c is None else c[idx.to(c.device)].to(device, non_blocking=True)
-            loss = -flow(cb).log_prob(xb).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(params, clip_grad)
-            opt.step()
-            if sched is not None:
-                sched.step()
-            pending.append(loss.detach())
-            step += 1
-            bar.update(1)
-            last = step == total
-            if step % eval_every == 0 or last:
-                flush(step)
-                history.steps = step
-                stop = evaluate(step)
-                postfix = {"train": f"{history.train_loss[-1]:.4f}"}
-                if history.valid_nll:
-                    postfix["valid"] = f"{history.valid_nll[-1]:.4f}"
-                bar.set_postfix(postfix, refresh=False)
-                save_checkpoint()
-                if callback is not None and callback(step, history):
-                    break
-                if stop:
-                    history.stopped_early = True
-                    break
-    except KeyboardInterrupt:
-        history.interrupted = True
-        flush(step)
-        history.steps = step
-    finally:
-        bar.close()
-    history.seconds += time.perf_counter() - t0
-    if best_state is not None:
-        flow.load_state_dict(best_state)
-    if history.interrupted or history.stopped_early:
-        save_checkpoint()
-    return history
+    loop = _Loop(
+        name="fit",
+        total=total,
+        history=history,
+        step=one_step,
+        params=lambda: params,
+        evaluate=None if xv is None else (lambda: _nll(flow, xv, cv, device)),
+        snapshot=lambda: {k: v.detach().clone() for k, v in flow.state_dict().items()},
+        restore=flow.load_state_dict,
+        eval_every=eval_every,
+        patience=patience,
+        callback=callback,
+        progress=progress,
+        sync_every=1 if device is None or device.type == "cpu" else 25,
+        label="train",
+        what="the flow",
+        advice="Try a lower lr, gradient clipping (clip_grad) or standardised data.",
+        save=None if folder is None else save_checkpoint,
+        best=best_state,
+        since_best=since_best,
+    )
+    return loop.run(start)

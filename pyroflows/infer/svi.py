@@ -15,9 +15,8 @@ import inspect
 import math
 import os
 import random
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +27,9 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 from torch.distributions import constraints
-from tqdm.auto import tqdm
 
 from ..flows import Flow
-from ..train import History, TrainingDiverged, _Guard, _make_optimizer
+from ..train import History, _Loop, _make_optimizer
 
 __all__ = ["fit_svi", "fit_target"]
 
@@ -83,127 +81,6 @@ def _load(folder: Path | None) -> dict[str, Any] | None:
     if folder is None or not (folder / "state.pt").is_file():
         return None
     return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-
-
-@dataclass
-class _Loop:
-    """Steps, the non-finite guard, validation with best state, the bar, checkpoints, callback.
-
-    The owner supplies ``step() -> loss`` (one optimiser step; the loss of the state before it,
-    a float or a 0-d tensor), ``params()`` (the live tensors the guard snapshots and restores),
-    ``evaluate() -> float`` (or ``None``), ``snapshot()``/``restore(s)`` for the best state and
-    ``save()`` for a checkpoint; it reads ``best``/``since_best``/``history`` back afterwards.
-    """
-
-    name: str
-    total: int
-    history: History
-    step: Callable[[], torch.Tensor | float]
-    params: Callable[[], list[torch.Tensor]]
-    evaluate: Callable[[], float] | None
-    snapshot: Callable[[], Any]
-    restore: Callable[[Any], None]
-    eval_every: int
-    patience: int | None
-    callback: Callable[[int, History], bool | None] | None
-    progress: bool
-    sync_every: int
-    label: str
-    what: str
-    advice: str
-    save: Callable[[], None] | None = None
-    best: Any = None
-    since_best: int = 0
-
-    def _flush(self, pending: list, step: int, guard: _Guard, t0: float) -> None:
-        if not pending:
-            return
-        values = [
-            float(v)
-            for v in (torch.stack(pending).tolist() if torch.is_tensor(pending[0]) else pending)
-        ]
-        first = step - len(values)
-        pending.clear()
-        for i, v in enumerate(values):
-            if not math.isfinite(v):
-                self.history.train_loss.extend(values[:i])
-                self.history.steps = first + i
-                self.history.seconds += time.perf_counter() - t0
-                restored = guard.restore(first + i)
-                raise TrainingDiverged(
-                    f"{self.name}: the loss at step {first + i} is {v}; {self.what} was restored "
-                    f"to its state at step {max(restored, 0)}, the last with a finite loss. "
-                    f"{self.advice}",
-                    self.history,
-                    first + i,
-                )
-        self.history.train_loss.extend(values)
-
-    def _evaluate(self, step: int) -> bool:
-        if self.evaluate is None:
-            return False
-        value = float(self.evaluate())
-        history = self.history
-        history.valid_steps.append(step)
-        history.valid_nll.append(value)
-        if history.best_valid_nll is None or value < history.best_valid_nll:
-            history.best_valid_nll, history.best_step = value, step
-            self.best = self.snapshot()
-            self.since_best = 0
-        else:
-            self.since_best += 1
-        return self.patience is not None and self.since_best >= self.patience
-
-    def run(self, start: int) -> History:
-        history = self.history
-        params = self.params()
-        guard = _Guard(params)
-        pending: list = []
-        bar = tqdm(
-            total=self.total, initial=start, disable=not self.progress, unit="step", desc=self.name
-        )
-        t0 = time.perf_counter()
-        step = window = start
-        try:
-            while step < self.total:
-                if step % self.sync_every == 0:
-                    self._flush(pending, step, guard, t0)
-                    current = self.params()
-                    if len(current) != len(guard.params):  # a parameter appeared: guard it too
-                        guard = _Guard(current)
-                    guard.advance(step)
-                pending.append(self.step())
-                step += 1
-                bar.update(1)
-                if step % self.eval_every == 0 or step == self.total:
-                    self._flush(pending, step, guard, t0)
-                    history.steps = step
-                    stop = self._evaluate(step)
-                    recent = history.train_loss[window:]
-                    window = len(history.train_loss)
-                    postfix = {self.label: f"{sum(recent) / max(len(recent), 1):.4g}"}
-                    if history.valid_nll:
-                        postfix["valid"] = f"{history.valid_nll[-1]:.4g}"
-                    bar.set_postfix(postfix, refresh=False)
-                    if self.save is not None:
-                        self.save()
-                    if self.callback is not None and self.callback(step, history):
-                        break
-                    if stop:
-                        history.stopped_early = True
-                        break
-        except KeyboardInterrupt:
-            history.interrupted = True
-            self._flush(pending, step, guard, t0)
-            history.steps = step
-        finally:
-            bar.close()
-        history.seconds += time.perf_counter() - t0
-        if self.best is not None:
-            self.restore(self.best)
-        if (history.interrupted or history.stopped_early) and self.save is not None:
-            self.save()
-        return history
 
 
 # --------------------------------------------------------------------------------------------
