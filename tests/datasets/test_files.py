@@ -12,13 +12,6 @@ from pyroflows.datasets import (
     toy,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-needs_shared_mnist = pytest.mark.skipif(
-    not (SHARED_DATA / "mnist" / "mnist.npz").exists(),
-    reason=f"shared MNIST files not found under {SHARED_DATA} (CI clones shared/ beside the repo)",
-)
-EXACT_2D = ("ring", "checkerboard")
-
 
 def test_npy_round_trip(tmp_path):
     data = np.arange(12, dtype=np.int64).reshape(4, 3)

@@ -26,7 +26,6 @@ needs_shared_mnist = pytest.mark.skipif(
     not (SHARED_DATA / "mnist" / "mnist.npz").exists(),
     reason=f"shared MNIST files not found under {SHARED_DATA} (CI clones shared/ beside the repo)",
 )
-EXACT_2D = ("ring", "checkerboard")
 
 
 def test_digits():

@@ -1,7 +1,6 @@
 """Toy densities: normalisation, agreement with samples, seeding."""
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,11 +13,6 @@ from pyroflows.datasets import (
     toy,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-needs_shared_mnist = pytest.mark.skipif(
-    not (SHARED_DATA / "mnist" / "mnist.npz").exists(),
-    reason=f"shared MNIST files not found under {SHARED_DATA} (CI clones shared/ beside the repo)",
-)
 EXACT_2D = ("ring", "checkerboard")
 
 
