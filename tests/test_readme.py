@@ -11,13 +11,19 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks
+    assert len(blocks) >= 2
+    spaces = []
     for block in blocks:
         torch.manual_seed(0)
         pyro.clear_param_store()
         namespace: dict = {}
         exec(compile(block, str(README), "exec"), namespace)
-    # the guide in the README runs under a plate
-    x = torch.randn(5, 2)
-    trace = pyro.poutine.trace(namespace["guide"]).get_trace(x)
+        spaces.append(namespace)
+    # the amortised guide runs under a plate with one latent per data point
+    flows = next(ns for ns in spaces if "encoder" in ns)
+    trace = pyro.poutine.trace(flows["guide"]).get_trace(torch.randn(5, 2))
     assert trace.nodes["z"]["value"].shape == (5, 2)
+    # the Bayesian example recovers the data's mean and scale, and its diagnostics are sane
+    bayes = next(ns for ns in spaces if "khat" in ns)
+    assert abs(bayes["draws"]["mu"].mean() - bayes["x"].mean()) < 0.2
+    assert bayes["se"] < 0.1 and bayes["khat"].khat < 0.7
