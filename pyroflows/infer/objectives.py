@@ -336,6 +336,48 @@ def _normalised_weights(log_w: torch.Tensor, particles: _Particles, scale: float
     return torch.softmax(log_w, dim=particles.particle_dim)
 
 
+def _drop_zero_weight_particles(particles: _Particles, w: torch.Tensor) -> None:
+    """Stop the gradient at the sampled values of particles whose normalised weight is 0.
+
+    Every term of the DReG surrogate reaches a particle's values with a coefficient ``w``,
+    ``w^2 - w`` or ``w^2``, all exactly 0 when ``w`` underflowed to 0, so the particle's exact
+    contribution to every gradient is 0. Autograd still evaluates the local derivatives along
+    its path and multiplies them by that zero: a particle far in the tails (e.g. a scale
+    ``exp(u)`` that underflowed to 0, where ``d log N(x; mu, sigma) / d sigma`` is infinite) gives
+    ``0 * inf = nan``, and since the particles share the guide's parameters, one such particle
+    would turn the whole gradient into ``nan``. A hook on each guide sample value (it sees the
+    gradient accumulated from the model and guide traces and their frozen replays, which alias
+    it) sets the gradient of those particles to exactly 0, its correct value; particles with a
+    positive weight are untouched, so a ``nan`` there still surfaces.
+    """
+    keep = w > 0
+    if bool(keep.all()):
+        return
+    for site in _sample_sites(particles.raw_guide_trace):
+        value = site["value"]
+        if not (isinstance(value, torch.Tensor) and value.requires_grad):
+            continue
+        event_dim = site["fn"].event_dim
+        batch_dim = value.dim() - event_dim
+        mask = keep
+        # Right-align the mask with the value's batch dims; where the value broadcasts (size 1,
+        # or a dim it lacks), keep the gradient if any weight it stands for is positive.
+        while mask.dim() > batch_dim:
+            mask = mask.any(0)
+        mask = mask.reshape((1,) * (batch_dim - mask.dim()) + mask.shape)
+        batch_shape = value.shape[:batch_dim]
+        for d in range(batch_dim):
+            if batch_shape[d] == 1 and mask.shape[d] != 1:
+                mask = mask.any(d, keepdim=True)
+            elif mask.shape[d] not in (1, batch_shape[d]):
+                mask = None
+                break
+        if mask is None:
+            continue
+        mask = mask.reshape(mask.shape + (1,) * event_dim)
+        value.register_hook(lambda grad, mask=mask: torch.where(mask, grad, grad.new_zeros(())))
+
+
 def _check_reparameterised(particles: _Particles, what: str) -> None:
     for site in _sample_sites(particles.guide_trace):
         if not getattr(site["fn"], "has_rsample", False):
@@ -512,7 +554,9 @@ class IWAE(_ParticleObjective):
       stopped-gradient parameters so only the path through :math:`z_k` counts. Unbiased for the
       same gradient, with lower variance (zero when :math:`q` is the exact posterior); needs a
       reparameterised guide (``NotImplementedError`` otherwise). With :math:`K = 1` it is
-      :class:`STL_ELBO`'s estimator.
+      :class:`STL_ELBO`'s estimator. A particle whose normalised weight underflowed to 0
+      contributes exactly 0 (its sampled values get a zero gradient), so a particle far in the
+      tails, where a local derivative is infinite, cannot turn the gradient into ``nan``.
 
     **Cost.** ``loss`` and the standard estimator: one vectorised run of guide and model.
     ``"dreg"`` adds one guide and one model replay on the same draws with all parameters frozen
@@ -591,6 +635,7 @@ class IWAE(_ParticleObjective):
             return value, surrogate
         _check_reparameterised(particles, "IWAE(estimator='dreg')")
         w = _normalised_weights(weights.log_w, particles, weights.scale)
+        _drop_zero_weight_particles(particles, w)
         model_bar = _replay_frozen(model, particles, args, kwargs)
         guide_bar = _replay_frozen(guide, particles, args, kwargs)
         log_p_bar = _reduce(_sample_sites(model_bar), particles, weights.keep)
