@@ -544,7 +544,17 @@ class AutoFlowGuide(AutoContinuous):
         self._ensure_prototype(args, kwargs)
 
         def neg_log_density(z: torch.Tensor) -> torch.Tensor:
-            return -self.log_density(z, *args, **kwargs)
+            try:
+                return -self.log_density(z, *args, **kwargs)
+            except ValueError as err:
+                # e.g. a distribution's argument check failing as the search runs off to a
+                # degenerate point; nothing in the guide has been changed yet.
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise ValueError(
+                    f"warm_start: the model failed during the search ({first}); the model may "
+                    "have no finite mode. The guide is unchanged: train it without a warm "
+                    "start, or try method='map' with optim='adam' and a small lr."
+                ) from err
 
         with torch.no_grad():
             start, factor = self.gaussian()
@@ -566,7 +576,13 @@ class AutoFlowGuide(AutoContinuous):
                 (z.grad,) = torch.autograd.grad(loss, z)
                 return loss.detach()
 
-            opt.step(closure)
+            try:
+                opt.step(closure)
+            except RuntimeError as err:  # LBFGS overflows when the density is unbounded
+                raise ValueError(
+                    f"warm_start: the L-BFGS search diverged ({err}); the model may have no "
+                    "finite mode. The guide is unchanged: train it without a warm start."
+                ) from err
         else:
             opt = torch.optim.Adam([z], lr=0.01 if lr is None else lr)
             for _ in range(steps):
@@ -578,6 +594,14 @@ class AutoFlowGuide(AutoContinuous):
         z_ = z.clone().requires_grad_(True)
         loss = neg_log_density(z_)
         (grad,) = torch.autograd.grad(loss, z_)
+        if not (torch.isfinite(z).all() and torch.isfinite(loss) and torch.isfinite(grad).all()):
+            # No finite mode was found: leave the guide as it was rather than write NaN into it.
+            raise ValueError(
+                f"warm_start: the search ended at a non-finite point or density (log p = "
+                f"{float(-loss.detach())}); the model may have no finite mode. The guide is "
+                "unchanged: train it without a warm start, or try method='map' with "
+                "optim='adam' and a small lr."
+            )
 
         scale_tril, fallback = None, False
         if method == "laplace":

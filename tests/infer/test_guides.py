@@ -546,3 +546,23 @@ def test_cuda():
     flat = AutoFlowGuide(flat_regression, layers=1, hidden=(8,))
     assert math.isfinite(_train(flat_regression, flat, 3, X, yy)[-1])
     assert flat.gaussian()[0].device.type == "cuda"
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validation", "no-validation"])
+def test_warm_start_without_a_finite_mode_leaves_the_guide_unchanged(validate):
+    """A density that grows without bound as log-scale -> -inf: the search cannot end well, and
+    the guide must be left as it was rather than take NaN (with Pyro's argument checks on, the
+    model itself fails first; with them off, the search ends at a non-finite point)."""
+    pyro.enable_validation(validate)
+
+    def model():
+        v = pyro.sample("v", dist.ImproperUniform(constraints.real, (), ()))
+        pyro.sample("x", dist.Normal(0.0, torch.exp(v)), obs=torch.tensor(0.0))
+
+    guide = pf.infer.AutoFlowGuide(model, flow="iaf")
+    guide()  # set up the parameters
+    before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    with pytest.raises(ValueError, match="no finite mode"):
+        guide.warm_start()
+    for key, value in pyro.get_param_store().items():
+        assert torch.equal(value.detach(), before[key]), key
