@@ -126,6 +126,13 @@ def log_evidence(
     posterior gives weights with infinite variance, an estimate biased low and a standard
     error that understates it; check with :func:`pyroflows.diagnostics.psis_khat`.
 
+    The weights are joint: one call estimates :math:`\log p(x)` of everything the model
+    observes in that call. For a model with independent local latents per data point (a VAE),
+    the joint weights of many points degrade fast (their variance grows with the number of
+    points), so estimate the evidence of one data point per call and sum the estimates (their
+    standard errors add in quadrature), as ``benchmarks/vae.py`` does; pass
+    ``max_plate_nesting`` in such loops to save a guessing run per call.
+
     Args:
         model: a Pyro model (with its data, through ``args``/``kwargs``, observed).
         guide: a guide over the model's latent sites.

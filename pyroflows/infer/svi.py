@@ -174,7 +174,7 @@ def fit_svi(
     data: Any = None,
     batch_size: int = 256,
     lr: float = 1e-3,
-    optimizer: str | pyro.optim.PyroOptim = "clipped_adam",
+    optimizer: str | pyro.optim.PyroOptim = "adam",
     valid: Any = None,
     eval_every: int | None = None,
     patience: int | None = None,
@@ -240,8 +240,10 @@ def fit_svi(
             each; ``None`` for a Bayesian model.
         batch_size: rows per minibatch (and per validation chunk).
         lr: learning rate of the built-in optimisers.
-        optimizer: ``"clipped_adam"`` (Adam with each parameter's gradient norm clipped at 10),
-            ``"adam"``, or a ``pyro.optim`` optimiser (``lr`` is then not used).
+        optimizer: ``"adam"``, ``"clipped_adam"`` (Pyro's ``ClippedAdam``, which clamps each
+            gradient element to [-10, 10]: with minibatches the loss is scaled by N/B and most
+            elements can exceed that, so it is not the default), or a ``pyro.optim`` optimiser
+            (``lr`` is then not used).
         valid: with ``data``, a fraction of it to hold out at random, or held-out data of the
             same structure; its loss (``loss.loss``, without gradients, in chunks) is measured
             every ``eval_every`` steps, and the best state is kept.
