@@ -20,6 +20,7 @@ import torch
 from pyro.distributions.conditional import ConditionalTransform
 from torch import nn
 from torch.distributions import Transform
+from torch.distributions.transforms import _InverseTransform
 
 from .bases import make_base
 from .nn import _check_positive_int
@@ -64,9 +65,9 @@ class Flow(nn.Module):
 
     Args:
         transforms: transforms applied in order to base samples (the last one produces data).
-            Transforms that are ``nn.Module``\\ s are registered (``pyro.module`` and
-            ``.parameters()`` reach them); conditional ones are bound with ``condition(context)``
-            on each call.
+            Transforms that are ``nn.Module``\\ s, and the modules behind inverses ``m.inv``, are
+            registered (``pyro.module`` and ``.parameters()`` reach them); conditional ones are
+            bound with ``condition(context)`` on each call.
         dim: number of features.
         context_dim: size of the context, 0 for an unconditional flow.
         base: ``"normal"`` (standard Normal, the default), ``"diag_normal"`` (learnable
@@ -103,7 +104,8 @@ class Flow(nn.Module):
         self.dim = dim
         self.context_dim = context_dim
         self.base = make_base(base, dim, context_dim, base_hidden)
-        self.transforms = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
+        modules = [m for m in map(_module_of, transforms) if m is not None]
+        self.transforms = nn.ModuleList(modules)
         self._chain = list(transforms)
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -166,6 +168,19 @@ class Flow(nn.Module):
     def extra_repr(self) -> str:
         extra = f"dim={self.dim}"
         return extra + (f", context_dim={self.context_dim}" if self.context_dim else "")
+
+
+def _module_of(t: Transform) -> nn.Module | None:
+    """The module holding a transform's parameters: itself, or for ``m.inv`` the module ``m``.
+
+    ``t.inv`` of a Pyro ``TransformModule`` is a plain ``Transform``; registering the module
+    behind it keeps its parameters visible to ``pyro.module``, optimisers and ``.to()``.
+    """
+    if isinstance(t, nn.Module):
+        return t
+    if isinstance(t, _InverseTransform) and isinstance(t.inv, nn.Module):
+        return t.inv
+    return None
 
 
 def _mixing(kind: str | None, dim: int) -> Transform | None:

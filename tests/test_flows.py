@@ -318,3 +318,16 @@ def _check_device(device: str) -> None:
 @pytest.mark.cuda
 def test_flows_move_to_cuda():
     _check_device("cuda")
+
+
+def test_parameters_behind_inverses_are_registered():
+    """``m.inv`` is a plain Transform; the flow must still own m's parameters (Pyro's too)."""
+    ours = pf.transforms.AffineCoupling(2, hidden=(8,))
+    theirs = dist.transforms.affine_autoregressive(2, hidden_dims=[8])
+    flow = pf.Flow([ours.inv, theirs.inv], dim=2)
+    params = {id(p) for p in flow.parameters()}
+    assert {id(p) for p in ours.parameters()} <= params
+    assert {id(p) for p in theirs.parameters()} <= params
+    flow().log_prob(torch.randn(5, 2)).sum().backward()
+    assert all(p.grad is not None for p in theirs.parameters())
+    assert all(p.grad is not None for p in ours.parameters())
