@@ -14,7 +14,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .nn import MLP, _check_positive_int
+from ._checks import check_positive_int
+from .nn import MLP
 from .transforms.elementwise import soft_clamp
 
 __all__ = ["ConditionalDiagNormal", "DiagNormal", "StandardNormal", "make_base"]
@@ -44,7 +45,7 @@ class StandardNormal(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        _check_positive_int("dim", dim)
+        check_positive_int("dim", dim)
         self.register_buffer("loc", torch.zeros(dim))
         self.register_buffer("scale", torch.ones(dim))
 
@@ -65,7 +66,7 @@ class DiagNormal(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        _check_positive_int("dim", dim)
+        check_positive_int("dim", dim)
         self.loc = nn.Parameter(torch.zeros(dim))
         self.log_scale = nn.Parameter(torch.zeros(dim))
 
@@ -97,8 +98,8 @@ class ConditionalDiagNormal(nn.Module):
 
     def __init__(self, dim: int, context_dim: int, hidden: Sequence[int] = (64,)) -> None:
         super().__init__()
-        _check_positive_int("dim", dim)
-        _check_positive_int("context_dim", context_dim)
+        check_positive_int("dim", dim)
+        check_positive_int("context_dim", context_dim)
         self.dim = dim
         self.net = MLP(context_dim, 2 * dim, hidden=hidden)
 

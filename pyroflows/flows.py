@@ -22,8 +22,8 @@ from torch import nn
 from torch.distributions import Transform
 from torch.distributions.transforms import _InverseTransform
 
+from ._checks import check_positive_int
 from .bases import make_base
-from .nn import _check_positive_int
 from .transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -95,7 +95,7 @@ class Flow(nn.Module):
         base_hidden: Sequence[int] = (64,),
     ) -> None:
         super().__init__()
-        _check_positive_int("dim", dim)
+        check_positive_int("dim", dim)
         if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
             raise ValueError(f"context_dim: expected a non-negative integer; got {context_dim!r}")
         for t in transforms:
@@ -198,7 +198,7 @@ def _mixing(kind: str | None, dim: int) -> Transform | None:
 
 
 def _check_layers(layers: int) -> int:
-    return _check_positive_int("layers", layers)
+    return check_positive_int("layers", layers)
 
 
 def _stack(blocks: Sequence[Transform], dim: int, mixing: str | None, actnorm: bool) -> list:

@@ -14,13 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import broadcast_batch, check_positive_int
+
 __all__ = ["MADE", "MLP"]
-
-
-def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer; got {value!r}")
-    return value
 
 
 def _check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
@@ -28,7 +24,7 @@ def _check_hidden(hidden: Sequence[int]) -> tuple[int, ...]:
         hidden = (hidden,)
     hidden = tuple(hidden)
     for h in hidden:
-        _check_positive_int("hidden", h)
+        check_positive_int("hidden", h)
     return hidden
 
 
@@ -66,8 +62,8 @@ class MLP(nn.Sequential):
         activation: type[nn.Module] = nn.ReLU,
         zero_init: bool = True,
     ) -> None:
-        _check_positive_int("in_features", in_features)
-        _check_positive_int("out_features", out_features)
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
         hidden = _check_hidden(hidden)
         sizes = (in_features, *hidden, out_features)
         layers: list[nn.Module] = []
@@ -204,8 +200,8 @@ class MADE(nn.Module):
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
         super().__init__()
-        _check_positive_int("dim", dim)
-        _check_positive_int("out_per_dim", out_per_dim)
+        check_positive_int("dim", dim)
+        check_positive_int("out_per_dim", out_per_dim)
         if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
             raise ValueError(f"context_dim: expected a non-negative integer; got {context_dim!r}")
         hidden = _check_hidden(hidden)
@@ -262,13 +258,7 @@ class MADE(nn.Module):
                     f"MADE: expected a context with last dimension {self.context_dim}; "
                     f"got shape {tuple(context.shape)}"
                 )
-            try:
-                torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
-            except RuntimeError:
-                raise ValueError(
-                    "MADE: expected a context whose batch shape broadcasts with the input's; "
-                    f"got input {tuple(x.shape)} and context {tuple(context.shape)}"
-                ) from None
+            broadcast_batch(x, context, "MADE")
             # Two products instead of a concatenation: x and context broadcast for free.
             h = F.linear(x, weight[:, : self.dim], first.bias)
             h = h + F.linear(context, weight[:, self.dim :])

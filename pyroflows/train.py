@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ._checks import check_positive_int
 from .flows import Flow
 
 __all__ = ["History", "TrainingDiverged", "fit"]
@@ -399,10 +400,8 @@ def fit(
     if steps is not None and epochs is not None:
         raise ValueError("steps, epochs: give one of them, not both")
     for name, value in (("batch_size", batch_size), ("steps", steps), ("epochs", epochs)):
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise ValueError(f"{name}: expected a positive integer; got {value!r}")
+        if value is not None:
+            check_positive_int(name, value)
     if not lr > 0:
         raise ValueError(f"lr: expected a positive number; got {lr!r}")
     if scheduler not in ("cosine", None):

@@ -26,6 +26,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.poutine.util import prune_subsample_sites
 
+from .._checks import check_positive_int
 from .objectives import _guess_max_plate_nesting, log_importance_weights
 
 __all__ = ["log_evidence"]
@@ -34,9 +35,8 @@ DEFAULT_BATCH = 1000
 
 
 def _check_counts(num_samples: Any, batch: Any) -> None:
-    for name, value in (("num_samples", num_samples), ("batch", batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected a positive integer; got {value!r}")
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("batch", batch)
     if num_samples < 2:
         raise ValueError(
             f"num_samples: expected at least 2 (for a standard error); got {num_samples}"

@@ -28,6 +28,7 @@ from pyro.infer import SVI, Trace_ELBO
 from torch import nn
 from torch.distributions import constraints
 
+from .._checks import check_positive_int
 from ..flows import Flow
 from ..train import History, _Loop, _make_optimizer
 
@@ -45,8 +46,8 @@ BATCH_KEYWORDS = ("size", "subsample")
 
 
 def _check_count(name: str, value: Any) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ValueError(f"{name}: expected a positive integer; got {value!r}")
+    if value is not None:
+        check_positive_int(name, value)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -21,10 +21,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._checks import broadcast_batch, check_positive_int
 from ..nn import MADE, OrderLike, _check_hidden
 from .base import FlowTransform
-from .coupling import _broadcast_batch
-from .elementwise import AffineParams, _check_dim
+from .elementwise import AffineParams
 
 __all__ = ["MaskedAffineAutoregressive"]
 
@@ -63,7 +63,7 @@ class _Autoregressive(FlowTransform):
         orientation: str = "maf",
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
-        _check_dim(dim)
+        check_positive_int("dim", dim)
         if orientation not in _ORIENTATIONS:
             raise ValueError(f"orientation: expected 'maf' or 'iaf'; got {orientation!r}")
         super().__init__(event_shape=(dim,), context_dim=context_dim)
@@ -97,7 +97,7 @@ class _Autoregressive(FlowTransform):
 
     def _check_context_batch(self, v: torch.Tensor, context) -> None:
         if context is not None:
-            _broadcast_batch(v, context, type(self).__name__)
+            broadcast_batch(v, context, type(self).__name__)
 
     def _forward_and_log_det(self, x, context):
         self._check_context_batch(x, context)

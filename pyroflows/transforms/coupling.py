@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._checks import broadcast_batch, check_positive_int
 from ..nn import MLP, _check_hidden
 from .base import FlowTransform
-from .elementwise import AffineParams, _check_dim
+from .elementwise import AffineParams
 
 __all__ = ["AdditiveCoupling", "AffineCoupling", "coupling_mask"]
 
@@ -43,7 +44,7 @@ def coupling_mask(dim: int, kind: MaskLike = "half", flip: bool = False) -> torc
         >>> coupling_mask(4, "half", flip=True).tolist()
         [False, False, True, True]
     """
-    _check_dim(dim)
+    check_positive_int("dim", dim)
     if dim < 2:
         raise ValueError(f"dim: a coupling layer needs at least 2 features; got {dim}")
     if isinstance(kind, str):
@@ -112,7 +113,7 @@ class _Coupling(FlowTransform):
         if context is None:
             h = self.conditioner(x_a)
         else:
-            batch = _broadcast_batch(x_a, context, type(self).__name__)
+            batch = broadcast_batch(x_a, context, type(self).__name__)
             x_a = x_a.expand(*batch, x_a.shape[-1])
             h = self.conditioner(torch.cat([x_a, context.expand(*batch, self.context_dim)], -1))
         return h.unflatten(-1, (len(self.change_idx), self.params_per_feature))
@@ -135,16 +136,6 @@ class _Coupling(FlowTransform):
             f"{super().extra_repr()}, passes_through={self.keep_idx.numel()}, "
             f"transformed={self.change_idx.numel()}"
         )
-
-
-def _broadcast_batch(x: torch.Tensor, context: torch.Tensor, name: str) -> torch.Size:
-    try:
-        return torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
-    except RuntimeError:
-        raise ValueError(
-            f"{name}: expected a context whose batch shape broadcasts with the input's; "
-            f"got input {tuple(x.shape)} and context {tuple(context.shape)}"
-        ) from None
 
 
 class AdditiveCoupling(_Coupling):
@@ -188,7 +179,7 @@ class AdditiveCoupling(_Coupling):
         return y_b - h[..., 0], y_b.new_zeros(()).expand(h.shape[:-2])
 
     def _log_abs_det(self, x, y, context):
-        batch = x.shape[:-1] if context is None else _broadcast_batch(x, context, "")
+        batch = x.shape[:-1] if context is None else broadcast_batch(x, context, "")
         return x.new_zeros(batch)
 
 

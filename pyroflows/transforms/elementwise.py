@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributions import constraints
 
+from .._checks import check_positive_int
 from .base import FlowTransform
 
 __all__ = [
@@ -25,12 +26,6 @@ __all__ = [
     "SinhArcsinh",
     "soft_clamp",
 ]
-
-
-def _check_dim(dim: int) -> int:
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim: expected a positive integer; got {dim!r}")
-    return dim
 
 
 def _batch(x: torch.Tensor, event_dim: int = 1) -> torch.Size:
@@ -60,7 +55,7 @@ class ElementwiseAffine(FlowTransform):
     """
 
     def __init__(self, dim: int) -> None:
-        super().__init__(event_shape=(_check_dim(dim),))
+        super().__init__(event_shape=(check_positive_int("dim", dim),))
         self.shift = nn.Parameter(torch.zeros(dim))
         self.log_scale = nn.Parameter(torch.zeros(dim))
 
@@ -340,7 +335,7 @@ class SinhArcsinh(FlowTransform):
     """
 
     def __init__(self, dim: int, tail_bound: float = 1.5) -> None:
-        super().__init__(event_shape=(_check_dim(dim),))
+        super().__init__(event_shape=(check_positive_int("dim", dim),))
         if not tail_bound > 0:
             raise ValueError(f"tail_bound: expected a positive number; got {tail_bound!r}")
         self.tail_bound = float(tail_bound)

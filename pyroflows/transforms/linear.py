@@ -8,8 +8,9 @@ import torch
 from torch import nn
 from torch.linalg import householder_product, solve_triangular
 
+from .._checks import check_positive_int
 from .base import FlowTransform
-from .elementwise import _batch, _check_dim
+from .elementwise import _batch
 
 __all__ = ["LULinear", "Permutation", "QRLinear", "Reverse"]
 
@@ -51,7 +52,7 @@ class LULinear(FlowTransform):
     """
 
     def __init__(self, dim: int, init: str = "identity") -> None:
-        super().__init__(event_shape=(_check_dim(dim),))
+        super().__init__(event_shape=(check_positive_int("dim", dim),))
         eye = torch.eye(dim)
         if init == "identity":
             perm, lower, upper = torch.arange(dim), eye, eye
@@ -127,7 +128,7 @@ class QRLinear(FlowTransform):
     """
 
     def __init__(self, dim: int) -> None:
-        super().__init__(event_shape=(_check_dim(dim),))
+        super().__init__(event_shape=(check_positive_int("dim", dim),))
         self.reflections = nn.Parameter(torch.zeros(dim, dim))
         self.upper = nn.Parameter(torch.zeros(dim, dim))
         self.log_diag = nn.Parameter(torch.zeros(dim))
@@ -184,7 +185,7 @@ class Permutation(FlowTransform):
     """
 
     def __init__(self, dim: int, perm: Sequence[int] | torch.Tensor | None = None) -> None:
-        super().__init__(event_shape=(_check_dim(dim),))
+        super().__init__(event_shape=(check_positive_int("dim", dim),))
         if perm is None:
             perm = torch.randperm(dim)
         perm = torch.as_tensor(perm)
@@ -223,4 +224,4 @@ class Reverse(Permutation):
     """
 
     def __init__(self, dim: int) -> None:
-        super().__init__(_check_dim(dim), perm=torch.arange(dim - 1, -1, -1))
+        super().__init__(check_positive_int("dim", dim), perm=torch.arange(dim - 1, -1, -1))
