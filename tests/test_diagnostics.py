@@ -14,22 +14,7 @@ from pyroflows.diagnostics import (
     psis_khat,
     to_inference_data,
 )
-
-X = torch.tensor([0.3, 1.2, -0.4, 2.0, 0.9])
-POST_MEAN, POST_SD = X.sum() / (1 + len(X)), (1 / (1 + len(X))) ** 0.5
-
-
-def model(x):
-    z = pyro.sample("z", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", len(x)):
-        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def guide_with(scale):
-    def guide(x):
-        pyro.sample("z", dist.Normal(POST_MEAN, scale * POST_SD))
-
-    return guide
+from tests.conjugate import X, guide_with, model
 
 
 def test_khat_is_good_for_the_exact_posterior():

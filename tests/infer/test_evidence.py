@@ -6,25 +6,7 @@ import pytest
 import torch
 
 from pyroflows.infer.evidence import log_evidence
-
-X = torch.tensor([0.3, 1.2, -0.4, 2.0, 0.9])
-N = len(X)
-# z ~ N(0, 1), x_i | z ~ N(z, 1): x ~ N(0, I + 11^T); z | x ~ N(sum(x) / (1 + N), 1 / (1 + N)).
-EXACT = dist.MultivariateNormal(torch.zeros(N), torch.eye(N) + torch.ones(N, N)).log_prob(X).item()
-POST_MEAN, POST_SD = X.sum() / (1 + N), (1 / (1 + N)) ** 0.5
-
-
-def model(x):
-    z = pyro.sample("z", dist.Normal(0.0, 1.0))
-    with pyro.plate("data", len(x)):
-        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-
-def guide_with(scale):
-    def guide(x):
-        pyro.sample("z", dist.Normal(POST_MEAN, scale * POST_SD))
-
-    return guide
+from tests.conjugate import EXACT, X, guide_with, model
 
 
 def test_exact_guide_gives_exact_evidence():
