@@ -67,7 +67,9 @@ _UNSAMPLED = "_pyroflows_unsampled"
 
 
 # -- initialisation -------------------------------------------------------------------------------
-def init_to_unconstrained_zero(site: dict | None = None) -> Any:
+def init_to_unconstrained_zero(
+    site: dict | None = None, *, device: torch.device | str | None = None
+) -> Any:
     """Initialise a site at zero in unconstrained space, without sampling from it.
 
     Pyro's ``init_to_feasible`` does the same but draws a sample first to learn the shape, which
@@ -77,11 +79,13 @@ def init_to_unconstrained_zero(site: dict | None = None) -> Any:
     1 for positive sites, the midpoint of an interval, the uniform point of a simplex.
 
     The distribution holds no tensor to say where the value should live, so it is created on
-    torch's default device and dtype and marked; :class:`AutoFlowGuide` then moves it to the
-    device of the model's other values or data.
+    ``device`` (torch's default device when ``None``) in the default dtype and marked;
+    :class:`AutoFlowGuide` passes the device of the model's first floating-point tensor
+    argument, and moves its parameters to the device of the model's other values or data.
 
     Args:
         site: a Pyro sample site (``None`` returns the function itself, as Pyro's strategies do).
+        device: where to create the value.
 
     Example:
         >>> import pyro.distributions as dist
@@ -96,16 +100,19 @@ def init_to_unconstrained_zero(site: dict | None = None) -> Any:
     fn = site["fn"]
     transform = biject_to(fn.support)
     shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
-    value = transform(torch.zeros(shape))
+    value = transform(torch.zeros(shape, device=device))
     value._pyro_custom_init = False
     setattr(value, _UNSAMPLED, True)
     return value
 
 
-def _without_sampling_failures(init_fn: Callable) -> Callable:
-    """``init_fn``, falling back to :func:`init_to_unconstrained_zero` where a site cannot be
-    sampled (``ImproperUniform.sample`` raises ``NotImplementedError``, which Pyro's strategies
-    do not catch: its ``init_to_median`` falls back to ``init_to_feasible``, which samples)."""
+def _without_sampling_failures(
+    init_fn: Callable, device: Callable[[], torch.device | None] = lambda: None
+) -> Callable:
+    """``init_fn``, falling back to :func:`init_to_unconstrained_zero` (on ``device()``) where a
+    site cannot be sampled (``ImproperUniform.sample`` raises ``NotImplementedError``, which
+    Pyro's strategies do not catch: its ``init_to_median`` falls back to ``init_to_feasible``,
+    which samples)."""
 
     @functools.wraps(init_fn)
     def init(site: dict | None = None) -> Any:
@@ -114,7 +121,7 @@ def _without_sampling_failures(init_fn: Callable) -> Callable:
         try:
             return init_fn(site)
         except NotImplementedError:
-            return init_to_unconstrained_zero(site)
+            return init_to_unconstrained_zero(site, device=device())
 
     return init
 
@@ -326,10 +333,15 @@ class AutoFlowGuide(AutoContinuous):
         self._init_scale = float(init_scale)
         self._covariance = covariance
         self._raw_model = (model,)  # a tuple, so that an nn.Module model is not registered
-        super().__init__(model, init_loc_fn=_without_sampling_failures(init_loc_fn))
+        self._arg_device: torch.device | None = None
+        init = _without_sampling_failures(init_loc_fn, lambda: self._arg_device)
+        super().__init__(model, init_loc_fn=init)
 
     # -- structure ---------------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs) -> None:
+        # Values of sites that cannot be sampled (improper priors) follow the data's device.
+        arg = _reference_tensor((), args, kwargs)
+        self._arg_device = None if arg is None else arg.device
         super()._setup_prototype(*args, **kwargs)
         sites = [s["value"] for _, s in self.prototype_trace.iter_stochastic_nodes()]
         loc = self._init_loc()
