@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 from . import bases, datasets, diagnostics, flows, infer, nn, transforms
 from .flows import IAF, MAF, NICE, NSF, Flow, LinearFlow, RealNVP
 from .io import load, save
-from .train import History, TrainingDiverged, fit
+from .train import History, TrainingDiverged, TrainStep, fit
 
 __all__ = [
     "IAF",
@@ -21,6 +21,7 @@ __all__ = [
     "History",
     "LinearFlow",
     "RealNVP",
+    "TrainStep",
     "TrainingDiverged",
     "__version__",
     "bases",

@@ -208,3 +208,90 @@ def test_fit_on_cuda():
     history = pf.fit(flow, data(), steps=60, device="cuda", progress=False)
     assert next(flow.parameters()).device.type == "cuda"
     assert np.isfinite(history.train_loss).all()
+
+
+# -- TrainStep and the compiled path --------------------------------------------------------------
+def test_train_step_lowers_the_loss_and_checks_its_input():
+    torch.manual_seed(0)
+    flow = pf.MAF(dim=2, layers=2, hidden=(16, 16))
+    step = pf.TrainStep(flow, lr=1e-2)
+    x = data()[:256]
+    first = step(x)
+    assert first.shape == () and not first.requires_grad
+    for _ in range(40):
+        last = step(x)
+    assert last < first - 0.2
+    with pytest.raises(ValueError, match=r"shape \(batch, 2\)"):
+        step(torch.randn(8, 3))
+    with pytest.raises(ValueError, match="lr"):
+        pf.TrainStep(flow, lr=0.0)
+
+
+def test_train_step_of_a_conditional_flow_needs_the_context():
+    flow = pf.RealNVP(dim=2, layers=2, hidden=(8,), context_dim=3)
+    step = pf.TrainStep(flow)
+    with pytest.raises(ValueError, match=r"context of shape \(5, 3\)"):
+        step(torch.randn(5, 2))
+    assert torch.isfinite(step(torch.randn(5, 2), torch.randn(5, 3)))
+
+
+def test_train_step_takes_a_built_optimizer_and_clips():
+    flow = pf.RealNVP(dim=2, layers=1, hidden=(8,))
+    opt = torch.optim.SGD(flow.parameters(), lr=0.1)
+    step = pf.TrainStep(flow, opt, clip_grad=1e-3)
+    before = [p.detach().clone() for p in flow.parameters()]
+    step(torch.randn(64, 2) * 3)
+    # SGD moves each parameter by lr * grad, and the clipped gradient has norm <= 1e-3.
+    moved = sum(
+        (p.detach() - b).square().sum() for p, b in zip(flow.parameters(), before, strict=True)
+    )
+    assert 0 < moved.sqrt() <= 0.1 * 1e-3 * (1 + 1e-4)
+
+
+def test_compiled_steps_equal_eager_steps():
+    """torch.compile changes how the step runs, not what it computes."""
+    torch.manual_seed(0)
+    eager = pf.MAF(dim=2, layers=2, hidden=(16, 16))
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    compiled = pf.MAF(dim=2, layers=2, hidden=(16, 16))
+    compiled.load_state_dict(eager.state_dict())
+    x = data()[:128]
+    a, b = pf.TrainStep(eager, lr=1e-2), pf.TrainStep(compiled, lr=1e-2, compile=True)
+    losses = [(float(a(x)), float(b(x))) for _ in range(4)]  # b: eager, then compiled, then reused
+    for la, lb in losses:
+        assert la == pytest.approx(lb, abs=1e-4)
+    for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+
+
+def test_fit_with_compile_takes_full_batches():
+    torch.manual_seed(0)
+    flow = pf.MAF(dim=2, layers=1, hidden=(8, 8))
+    # 300 training rows, batches of 128: two full batches per epoch, the rest skipped.
+    history = pf.fit(
+        flow,
+        data()[:300],
+        epochs=3,
+        batch_size=128,
+        valid=None,
+        compile=True,
+        progress=False,
+        seed=0,
+    )
+    assert history.steps == 6 and all(np.isfinite(history.train_loss))
+
+
+@pytest.mark.cuda
+def test_compiled_steps_on_cuda_replay_graphs_and_equal_eager_steps():
+    torch.manual_seed(0)
+    eager = pf.NSF(dim=2, layers=2, hidden=(16, 16), actnorm=False).cuda()
+    compiled = pf.NSF(dim=2, layers=2, hidden=(16, 16), actnorm=False).cuda()
+    compiled.load_state_dict(eager.state_dict())
+    x = data()[:256].cuda()
+    a, b = pf.TrainStep(eager, lr=1e-2), pf.TrainStep(compiled, lr=1e-2, compile=True)
+    kept = [b(x) for _ in range(5)]  # losses kept across replays must not be overwritten
+    expected = [a(x) for _ in range(5)]
+    torch.testing.assert_close(torch.stack(kept), torch.stack(expected), atol=1e-4, rtol=1e-4)
+    assert b._cuda_graphs
