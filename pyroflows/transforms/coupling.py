@@ -102,6 +102,10 @@ class _Coupling(FlowTransform):
         self.register_buffer("keep_idx", keep)
         self.register_buffer("change_idx", change)
         self.register_buffer("merge_idx", torch.argsort(torch.cat([keep, change])))
+        # Masks that keep one contiguous block (the "half" masks) split with views and merge
+        # with one concatenation, no gathers: (size of the first block, whether it is kept).
+        changes = torch.nonzero(mask[1:] != mask[:-1]).squeeze(-1)
+        self._blocks = (int(changes[0]) + 1, bool(mask[0])) if len(changes) == 1 else None
         self.conditioner = MLP(
             len(keep) + context_dim,
             len(change) * self.params_per_feature,
@@ -119,11 +123,18 @@ class _Coupling(FlowTransform):
         return h.unflatten(-1, (len(self.change_idx), self.params_per_feature))
 
     def _split_and_apply(self, v, context, fn):
-        v_a, v_b = v[..., self.keep_idx], v[..., self.change_idx]
+        blocks = self._blocks
+        if blocks is None:
+            v_a, v_b = v.index_select(-1, self.keep_idx), v.index_select(-1, self.change_idx)
+        else:
+            first, rest = v.split([blocks[0], v.shape[-1] - blocks[0]], -1)
+            v_a, v_b = (first, rest) if blocks[1] else (rest, first)
         h = self._conditioner_output(v_a, context)
         w_b, ladj = fn(v_b, h)
         v_a = v_a.expand(*w_b.shape[:-1], v_a.shape[-1])
-        return torch.cat([v_a, w_b], -1)[..., self.merge_idx], ladj
+        if blocks is None:
+            return torch.cat([v_a, w_b], -1).index_select(-1, self.merge_idx), ladj
+        return torch.cat([v_a, w_b] if blocks[1] else [w_b, v_a], -1), ladj
 
     def _forward_and_log_det(self, x, context):
         return self._split_and_apply(x, context, self._elementwise)

@@ -35,14 +35,95 @@ def _check_minimum(name: str, value: float, bins: int, per_bin: bool) -> float:
     return float(value)
 
 
-def _knots(raw: torch.Tensor, minimum: float, bound: float) -> torch.Tensor:
-    """Knot positions ``(..., bins + 1)`` on ``[-bound, bound]`` from unnormalised bin sizes."""
-    bins = raw.shape[-1]
-    sizes = minimum + (1.0 - minimum * bins) * torch.softmax(raw, dim=-1)
-    inner = 2.0 * bound * torch.cumsum(sizes[..., :-1], dim=-1) - bound
-    # The end knots are set exactly, so that ±bound map to ±bound whatever the rounding.
-    ends = inner.new_full((*inner.shape[:-1], 1), bound)
-    return torch.cat([-ends, inner, ends], dim=-1)
+def _knot_table(
+    widths_heights: torch.Tensor,
+    derivatives: torch.Tensor,
+    bound: float,
+    min_width: float,
+    min_height: float,
+    min_derivative: float,
+) -> torch.Tensor:
+    """The knots ``(..., 3, bins + 1)``: rows x positions, y positions and derivatives.
+
+    ``widths_heights`` ``(..., 2, bins)`` holds the unnormalised bin widths and heights, which
+    are normalised together (one softmax, one cumulative sum); ``derivatives``
+    ``(..., bins - 1)`` the unnormalised inner derivatives.
+    """
+    bins = widths_heights.shape[-1]
+    if min_width == min_height:
+        minimum: float | torch.Tensor = min_width
+    else:
+        minimum = widths_heights.new_tensor([[min_width], [min_height]])
+    sizes = minimum + (1.0 - minimum * bins) * torch.softmax(widths_heights, dim=-1)
+    # The end knots are padded in exactly (0 and 1 of the cumulative sizes), so that ±bound
+    # map to ±bound whatever the rounding.
+    cumulative = F.pad(F.pad(torch.cumsum(sizes[..., :-1], dim=-1), (1, 0)), (0, 1), value=1.0)
+    shift = math.log(math.expm1(1.0 - min_derivative))
+    inner = min_derivative + F.softplus(derivatives + shift)
+    knot_derivatives = F.pad(inner, (1, 1), value=1.0).unsqueeze(-2)
+    batch = torch.broadcast_shapes(cumulative.shape[:-2], knot_derivatives.shape[:-2])
+    return torch.cat(
+        [
+            (cumulative * (2.0 * bound) - bound).expand(*batch, 2, bins + 1),
+            knot_derivatives.expand(*batch, 1, bins + 1),
+        ],
+        dim=-2,
+    )
+
+
+def _spline(
+    x: torch.Tensor, table: torch.Tensor, bound: float, inverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The spline of :func:`rational_quadratic_spline` given the knot table of
+    :func:`_knot_table` (no argument checks: the hot path of the spline transforms)."""
+    batch = torch.broadcast_shapes(x.shape, table.shape[:-2])
+    x = x.expand(batch)
+    table = table.expand(*batch, *table.shape[-2:])
+    inside = x.abs() <= bound
+    # A safe input for the spline branch where the tail branch is used: torch.where passes a
+    # zero gradient to the unused branch, but 0 * NaN would still be NaN.
+    x_in = torch.where(inside, x, 0.0)
+    # The bin index is the number of inner knots <= x (x = bound falls in the last bin): a
+    # comparison with the few inner knots vectorises better than a binary search.
+    search = table[..., 1 if inverse else 0, 1:-1]
+    k = (x_in.unsqueeze(-1) >= search).sum(-1, keepdim=True)
+    # Both ends of the bin, all three rows, in one gather.
+    index = torch.cat([k, k + 1], dim=-1).unsqueeze(-2).expand(*batch, 3, 2)
+    (x_k, x_k1), (y_k, y_k1), (d_k, d_k1) = (
+        row.unbind(-1) for row in table.gather(-1, index).unbind(-2)
+    )
+    w, h = x_k1 - x_k, y_k1 - y_k
+    s = h / w
+    curvature = d_k + d_k1 - 2.0 * s
+
+    if inverse:
+        dy = x_in - y_k
+        a = h * (s - d_k) + dy * curvature
+        b = h * d_k - dy * curvature
+        c = -s * dy
+        discriminant = (b * b - 4.0 * a * c).clamp_min(0.0)
+        theta = (2.0 * c) / (-b - torch.sqrt(discriminant))
+        out = x_k + theta * w
+        # θ leaves [0, 1] only by rounding; clamping keeps the log-det's logarithms finite.
+        theta = theta.clamp(0.0, 1.0)
+    else:
+        theta = (x_in - x_k) / w
+
+    one_minus = 1.0 - theta
+    tt = theta * one_minus
+    # s + (d_k + d_{k+1} - 2s) θ(1-θ), and the derivative's numerator, written as sums of
+    # non-negative terms so that rounding cannot make them negative.
+    denominator = s * (theta * theta + one_minus * one_minus) + (d_k + d_k1) * tt
+    numerator = s * s * (d_k1 * theta * theta + 2.0 * s * tt + d_k * one_minus * one_minus)
+    if not inverse:
+        out = y_k + h * (s * theta * theta + d_k * tt) / denominator
+    ladj = torch.log(numerator) - 2.0 * torch.log(denominator)
+    if inverse:
+        ladj = -ladj
+
+    y = torch.where(inside, out, x)
+    ladj = torch.where(inside, ladj, 0.0)
+    return y, ladj
 
 
 def rational_quadratic_spline(
@@ -84,9 +165,11 @@ def rational_quadratic_spline(
     ``2 * bound * min_bin_width`` wide (likewise high) and every slope at least
     ``min_derivative``, so the inverse and the log-det stay finite.
 
-    Cost: one bin search (``torch.searchsorted``) and a few elementwise operations, the same in
-    both directions. Inputs in the tails are replaced by a safe value before the spline branch is
-    evaluated, so that neither its values nor its gradients can be NaN there.
+    Cost: one bin search (a comparison with the ``K - 1`` inner knots, which for the usual
+    handful of bins is cheaper than a binary search), one gather of both ends of the bin and a
+    few elementwise operations, the same in both directions. Inputs in the tails are replaced by
+    a safe value before the spline branch is evaluated, so that neither its values nor its
+    gradients can be NaN there.
 
     Args:
         x: inputs of shape ``batch`` (``y`` when ``inverse=True``).
@@ -131,67 +214,12 @@ def rational_quadratic_spline(
     min_bin_height = _check_minimum("min_bin_height", min_bin_height, bins, True)
     min_derivative = _check_minimum("min_derivative", min_derivative, bins, False)
     bound = float(bound)
-
-    batch = torch.broadcast_shapes(
-        x.shape, widths.shape[:-1], heights.shape[:-1], derivatives.shape[:-1]
+    sizes_shape = torch.broadcast_shapes(widths.shape, heights.shape)
+    widths_heights = torch.stack([widths.expand(sizes_shape), heights.expand(sizes_shape)], -2)
+    table = _knot_table(
+        widths_heights, derivatives, bound, min_bin_width, min_bin_height, min_derivative
     )
-    x = x.expand(batch)
-    knots_x = _knots(widths, min_bin_width, bound).expand(*batch, bins + 1)
-    knots_y = _knots(heights, min_bin_height, bound).expand(*batch, bins + 1)
-    shift = math.log(math.expm1(1.0 - min_derivative))
-    inner = min_derivative + F.softplus(derivatives + shift)
-    one = inner.new_ones((*inner.shape[:-1], 1))
-    knot_derivatives = torch.cat([one, inner, one], dim=-1).expand(*batch, bins + 1)
-
-    inside = (x >= -bound) & (x <= bound)
-    # A safe input for the spline branch where the tail branch is used: torch.where passes a
-    # zero gradient to the unused branch, but 0 * NaN would still be NaN.
-    x_in = torch.where(inside, x, torch.zeros_like(x))
-
-    search = knots_y if inverse else knots_x
-    # The number of inner knots <= x is the bin index; x = bound falls in the last bin.
-    k = torch.searchsorted(
-        search[..., 1:-1].contiguous(), x_in.unsqueeze(-1).contiguous(), right=True
-    )
-
-    def gather(t: torch.Tensor) -> torch.Tensor:
-        return t.gather(-1, k).squeeze(-1)
-
-    x_k, x_k1 = gather(knots_x), gather(knots_x[..., 1:])
-    y_k, y_k1 = gather(knots_y), gather(knots_y[..., 1:])
-    d_k, d_k1 = gather(knot_derivatives), gather(knot_derivatives[..., 1:])
-    w, h = x_k1 - x_k, y_k1 - y_k
-    s = h / w
-    curvature = d_k + d_k1 - 2.0 * s
-
-    if inverse:
-        dy = x_in - y_k
-        a = h * (s - d_k) + dy * curvature
-        b = h * d_k - dy * curvature
-        c = -s * dy
-        discriminant = (b * b - 4.0 * a * c).clamp_min(0.0)
-        theta = (2.0 * c) / (-b - torch.sqrt(discriminant))
-        out = x_k + theta * w
-        # θ leaves [0, 1] only by rounding; clamping keeps the log-det's logarithms finite.
-        theta = theta.clamp(0.0, 1.0)
-    else:
-        theta = (x_in - x_k) / w
-
-    one_minus = 1.0 - theta
-    tt = theta * one_minus
-    # s + (d_k + d_{k+1} - 2s) θ(1-θ), and the derivative's numerator, written as sums of
-    # non-negative terms so that rounding cannot make them negative.
-    denominator = s * (theta * theta + one_minus * one_minus) + (d_k + d_k1) * tt
-    numerator = s * s * (d_k1 * theta * theta + 2.0 * s * tt + d_k * one_minus * one_minus)
-    if not inverse:
-        out = y_k + h * (s * theta * theta + d_k * tt) / denominator
-    ladj = torch.log(numerator) - 2.0 * torch.log(denominator)
-    if inverse:
-        ladj = -ladj
-
-    y = torch.where(inside, out, x)
-    ladj = torch.where(inside, ladj, torch.zeros_like(ladj))
-    return y, ladj
+    return _spline(x, table, bound, inverse)
 
 
 def _check_bins(bins: int) -> int:
@@ -232,9 +260,15 @@ class SplineParams:
 
     def _spline(self, v: torch.Tensor, h: torch.Tensor, inverse: bool):
         k = self.bins
-        w, ladj = rational_quadratic_spline(
-            v, h[..., :k], h[..., k : 2 * k], h[..., 2 * k :], self.bound, inverse=inverse
+        table = _knot_table(
+            h[..., : 2 * k].unflatten(-1, (2, k)),
+            h[..., 2 * k :],
+            self.bound,
+            MIN_BIN_WIDTH,
+            MIN_BIN_HEIGHT,
+            MIN_DERIVATIVE,
         )
+        w, ladj = _spline(v, table, self.bound, inverse)
         return w, ladj.sum(-1)
 
     def _elementwise(self, x, h):
