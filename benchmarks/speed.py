@@ -277,7 +277,11 @@ def print_table(title: str, rows: dict, libraries: list[str], key: str, fmt, hig
         cells = [fmt(ours)]
         if has_compiled:
             compiled = figures.get("compiled")
-            cells.append(_cell(compiled, ours, fmt, higher_better) if compiled else "-")
+            if compiled is None or ours is None:
+                cells.append(fmt(compiled))
+            else:
+                ratio = compiled / ours if higher_better else ours / compiled
+                cells.append(f"{fmt(compiled)} ({ratio:.2f})")
         cells += [_cell(ours, figures.get(lib), fmt, higher_better) for lib in libraries]
         print(f"{kind:<9}" + "".join(f"{c:>17}" for c in cells))
 

@@ -14,14 +14,19 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
-def broadcast_batch(x: torch.Tensor, context: torch.Tensor, name: str) -> torch.Size:
-    """The batch shape of ``x`` (``(*batch, d)``) and ``context`` (``(*batch', c)``) together.
+def broadcast_batch(
+    x: torch.Tensor, context: torch.Tensor, name: str, event_dim: int = 1
+) -> torch.Size:
+    """The batch shape of ``x`` and ``context`` together (broadcast).
+
+    ``x`` has shape ``(*batch, *event)`` with ``event_dim`` event dimensions (1 for vectors, 3
+    for images); ``context`` has shape ``(*batch', c)``.
 
     Raises:
         ValueError: when the two batch shapes do not broadcast.
     """
     try:
-        return torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+        return torch.broadcast_shapes(x.shape[: x.dim() - event_dim], context.shape[:-1])
     except RuntimeError:
         raise ValueError(
             f"{name}: expected a context whose batch shape broadcasts with the input's; "

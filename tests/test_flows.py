@@ -331,3 +331,31 @@ def test_parameters_behind_inverses_are_registered():
     flow().log_prob(torch.randn(5, 2)).sum().backward()
     assert all(p.grad is not None for p in theirs.parameters())
     assert all(p.grad is not None for p in ours.parameters())
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: pf.MAF(3, layers=2, hidden=(8, 8)),
+        lambda: pf.NSF(3, layers=2, hidden=(8,), bins=4),
+        lambda: pf.RealNVP(3, layers=2, hidden=(8,), context_dim=2),
+    ],
+    ids=["MAF", "NSF", "RealNVP-conditional"],
+)
+def test_the_fast_distribution_equals_pyros_generic_one(make):
+    torch.manual_seed(0)
+    flow = make()
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    context = torch.randn(4, 2) if flow.context_dim else None
+    d = flow(context)
+    assert isinstance(d, dist.TransformedDistribution) and d._simple
+    generic = dist.TransformedDistribution(d.base_dist, [t.with_cache(0) for t in d.transforms])
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(d.log_prob(x), generic.log_prob(x))
+    z = d.rsample()
+    torch.testing.assert_close(d.log_prob(z), generic.log_prob(z.detach().clone()))
+    expanded = flow(context).expand((5, 4))
+    assert expanded.batch_shape == (5, 4) and expanded.log_prob(x).shape == (5, 4)
+    torch.testing.assert_close(expanded.log_prob(x)[2], d.log_prob(x))

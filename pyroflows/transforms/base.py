@@ -70,6 +70,15 @@ class _FusedCalls:
             self._kept = (x, y, -inverse_ladj)
         return x
 
+    def _inverse_pair(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x = f⁻¹(y)`` and ``log|det ∂y/∂x|`` through the caches: what
+        ``TransformedDistribution.log_prob`` needs of each layer, in one call."""
+        x = self._inv_call(y)
+        kept = self._kept
+        if kept is not None and kept[0] is x and kept[1] is y:
+            return x, kept[2]
+        return x, self.log_abs_det_jacobian(x, y)
+
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         kept = self._kept
         if kept is not None and kept[0] is x and kept[1] is y:

@@ -225,8 +225,10 @@ class AffineParams:
         return torch.addcmul(shift, x, log_scale.exp()), log_scale.sum(-1)
 
     def _elementwise_inverse(self, y, h):
-        shift, log_scale = self._shift_and_log_scale(h)
-        return (y - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
+        shift, raw = h.unbind(-1)
+        bound = self.log_scale_bound
+        negative = (0.5 - torch.sigmoid(raw * (2.0 / bound))).mul_(2.0 * bound)  # -s, directly
+        return (y - shift) * negative.exp(), negative.sum(-1)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, log_scale_bound={self.log_scale_bound}"

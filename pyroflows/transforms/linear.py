@@ -15,6 +15,43 @@ from .elementwise import _batch
 __all__ = ["LULinear", "Permutation", "QRLinear", "Reverse"]
 
 
+def random_rotation(dim: int) -> torch.Tensor:
+    """A random ``dim × dim`` orthogonal matrix (torch's global generator), as Glow draws."""
+    return torch.linalg.qr(torch.randn(dim, dim))[0]
+
+
+def _init_lu(module: nn.Module, dim: int, init: str) -> None:
+    """Register ``W = P L U``'s parameters on ``module``, at ``W = I`` or a random rotation.
+
+    Parameters ``lower`` (below the diagonal), ``upper`` (above it) and ``log_diag``; buffers
+    ``perm`` / ``inv_perm`` (``(P v)[i] = v[perm[i]]``) and ``diag_sign``. Shared by
+    :class:`LULinear` and the image transform ``InvConv1x1``.
+    """
+    eye = torch.eye(dim)
+    if init == "identity":
+        perm, lower, upper = torch.arange(dim), eye, eye
+    elif init == "rotation":
+        p, lower, upper = torch.linalg.lu(random_rotation(dim))
+        perm = p.argmax(dim=1)
+    else:
+        raise ValueError(f"init: expected 'identity' or 'rotation'; got {init!r}")
+    diag = upper.diagonal()
+    module.lower = nn.Parameter(lower.tril(-1).contiguous())
+    module.upper = nn.Parameter(upper.triu(1).contiguous())
+    module.log_diag = nn.Parameter(diag.abs().log())
+    module.register_buffer("perm", perm)
+    module.register_buffer("inv_perm", torch.argsort(perm))
+    module.register_buffer("diag_sign", torch.sign(diag))
+
+
+def _lu_factors(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L, U)`` of a module set up by :func:`_init_lu`."""
+    eye = torch.eye(module.lower.shape[0], dtype=module.lower.dtype, device=module.lower.device)
+    lower = module.lower.tril(-1) + eye
+    upper = module.upper.triu(1) + torch.diag(module.diag_sign * module.log_diag.exp())
+    return lower, upper
+
+
 def _rows(v: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
     """Flatten ``(*batch, dim)`` to ``(n, dim)`` for the triangular solves."""
     return v.reshape(-1, v.shape[-1]), v.shape
@@ -53,29 +90,11 @@ class LULinear(FlowTransform):
 
     def __init__(self, dim: int, init: str = "identity") -> None:
         super().__init__(event_shape=(check_positive_int("dim", dim),))
-        eye = torch.eye(dim)
-        if init == "identity":
-            perm, lower, upper = torch.arange(dim), eye, eye
-        elif init == "rotation":
-            q = torch.linalg.qr(torch.randn(dim, dim))[0]
-            p, lower, upper = torch.linalg.lu(q)
-            perm = p.argmax(dim=1)  # (P v)[i] = v[perm[i]]
-        else:
-            raise ValueError(f"init: expected 'identity' or 'rotation'; got {init!r}")
-        diag = upper.diagonal()
         self.init = init
-        self.lower = nn.Parameter(lower.tril(-1).contiguous())
-        self.upper = nn.Parameter(upper.triu(1).contiguous())
-        self.log_diag = nn.Parameter(diag.abs().log())
-        self.register_buffer("perm", perm)
-        self.register_buffer("inv_perm", torch.argsort(perm))
-        self.register_buffer("diag_sign", torch.sign(diag))
+        _init_lu(self, dim, init)
 
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        eye = torch.eye(self.lower.shape[0], dtype=self.lower.dtype, device=self.lower.device)
-        lower = self.lower.tril(-1) + eye
-        upper = self.upper.triu(1) + torch.diag(self.diag_sign * self.log_diag.exp())
-        return lower, upper
+        return _lu_factors(self)
 
     def weight(self) -> torch.Tensor:
         """The matrix ``W = P L U`` (shape ``(dim, dim)``)."""
