@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -173,17 +174,23 @@ class TrainStep:
     ``step(x)`` (``step(x, context)`` for a conditional flow) computes the mean negative
     log-likelihood of the batch, back-propagates, clips the gradient norm (when ``clip_grad`` is
     set) and steps the optimiser; it returns the loss before the step as a detached 0-d tensor
-    (reading it with ``float()`` waits for a GPU, so read it only when needed).
+    (reading it with ``float()`` waits for a GPU, so read it only when needed). The batch's
+    shape is checked, its values are not (:func:`fit` checks its data once, up front); a batch
+    with NaN or inf gives a non-finite loss.
 
     **Compiled steps.** ``compile=True`` runs the loss and its gradient through
-    ``torch.compile``: on CUDA in ``"reduce-overhead"`` mode, which replays CUDA graphs and
-    removes the kernel-launch overhead that dominates small batches; on the CPU in the default
-    mode, which fuses the elementwise work of every layer. A string is passed on as the
-    ``mode``. The first call runs eagerly (so that data-dependent initialisation such as
-    :class:`~pyroflows.transforms.ActNorm`'s happens outside the graph) and the second compiles,
-    which takes seconds to a minute; the compiled graph serves every later batch of the same
-    shape (another shape compiles once more). The optimiser is Adam with its fused
-    implementation where torch has it.
+    ``torch.compile``, which fuses the elementwise work of every layer. On CUDA it also records
+    the whole step (loss, backward, clipping and the optimiser's update) as one CUDA graph after
+    three warm-up steps, and from then on replays it for every batch of the same shape: one
+    launch per step instead of hundreds, which is what small batches are bound by. The
+    optimiser's param groups are switched to ``capturable`` with a tensor learning rate for
+    that (LR schedulers update it in place). A batch of another shape takes an ordinary
+    compiled step (compiling once more). A string is passed to ``torch.compile`` as its
+    ``mode`` instead (e.g. ``"reduce-overhead"``: torch's own CUDA graphs of the loss and its
+    gradient, without the optimiser). The first call always runs eagerly, so that
+    data-dependent initialisation such as :class:`~pyroflows.transforms.ActNorm`'s happens
+    outside any graph; compiling takes seconds to a minute. The default optimiser is Adam with
+    its fused implementation where torch has it.
 
     Args:
         flow: the flow to train (in place).
@@ -210,6 +217,9 @@ class TrainStep:
         True
     """
 
+    #: ordinary (compiled) steps before a CUDA graph is recorded
+    WARMUP = 3
+
     def __init__(
         self,
         flow: Flow,
@@ -235,26 +245,65 @@ class TrainStep:
             self.optimizer = _make_optimizer(optimizer, self.params, lr, weight_decay)
         self.clip_grad = clip_grad
         self.compile = compile
-        self._compiled: Callable | None = None
-        self._cuda_graphs = False
         self.calls = 0
+        self._compiled: Callable | None = None
+        self._capture: bool | None = None  # decided on the first call, from the device
+        self._graph: tuple | None = None  # (graph, static x, static context, static loss)
 
     def _loss(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        return -self.flow(context).log_prob(x).mean()
+        # No value-by-value validation of the batch (fit checks its data once, up front; a
+        # non-finite batch gives a non-finite loss): the check waits for the device, which a
+        # CUDA graph cannot record.
+        d = self.flow(context)
+        d._validate_args = False
+        return -d.log_prob(x).mean()
 
-    def _loss_fn(self, x: torch.Tensor) -> Callable:
+    def _loss_fn(self) -> Callable:
         if not self.compile or self.calls == 0:
             return self._loss
         if self._compiled is None:
             mode = self.compile if isinstance(self.compile, str) else None
-            if mode is None and x.device.type == "cuda":
-                mode = "reduce-overhead"
-            self._cuda_graphs = x.device.type == "cuda" and mode in (
-                "reduce-overhead",
-                "max-autotune",
-            )
-            self._compiled = torch.compile(self._loss, mode=mode, dynamic=False)
+            # torch.compile keeps compiled variants on the function's code object, which every
+            # TrainStep would share (a few flows would exhaust dynamo's recompile limit and
+            # fall back to eager silently): each step compiles its own copy.
+            loss = TrainStep._loss
+            own = types.FunctionType(loss.__code__.replace(), loss.__globals__, loss.__name__)
+            self._compiled = torch.compile(types.MethodType(own, self), mode=mode, dynamic=False)
         return self._compiled
+
+    def _update(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        if self.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
+        self.optimizer.step()
+
+    def _step(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        loss = self._loss_fn()(x, context)
+        # Once a graph is recorded, the gradients live in its memory: zero them in place.
+        self.optimizer.zero_grad(set_to_none=self._graph is None)
+        self._update(loss)
+        return loss.detach()
+
+    def _prepare_capture(self, x: torch.Tensor) -> None:
+        self._capture = self.compile is True and x.device.type == "cuda"
+        if not self._capture:
+            return
+        for group in self.optimizer.param_groups:
+            if "capturable" in group:
+                group["capturable"] = True
+                if not torch.is_tensor(group["lr"]):
+                    group["lr"] = torch.tensor(float(group["lr"]), device=x.device)
+
+    def _record(self, x: torch.Tensor, context: torch.Tensor | None) -> None:
+        static_x = x.clone()
+        static_context = None if context is None else context.clone()
+        fn = self._loss_fn()
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss = fn(static_x, static_context)
+            self._update(loss)
+        self._graph = (graph, static_x, static_context, loss.detach())
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         flow = self.flow
@@ -269,18 +318,32 @@ class TrainStep:
                 f"TrainStep: expected a context of shape ({len(x)}, {flow.context_dim}) for the "
                 f"conditional flow; got {shape}"
             )
-        loss_fn = self._loss_fn(x)
-        if self._cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        loss = loss_fn(x, context)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(self.params, self.clip_grad)
-        self.optimizer.step()
+        if self._capture is None:
+            self._prepare_capture(x)
+        if self._capture:
+            graph = self._graph
+            if graph is None and self.calls > self.WARMUP:
+                self._record(x, context)
+                graph = self._graph
+            if graph is not None and graph[1].shape == x.shape:
+                graph[1].copy_(x)
+                if context is not None:
+                    graph[2].copy_(context)
+                graph[0].replay()
+                self.calls += 1
+                return graph[3].clone()
+            if graph is None and self.calls > 0:
+                # Warm-up steps run on a side stream, as CUDA graph capture requires.
+                stream = torch.cuda.Stream(device=x.device)
+                stream.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(stream):
+                    loss = self._step(x, context)
+                torch.cuda.current_stream(x.device).wait_stream(stream)
+                self.calls += 1
+                return loss
+        loss = self._step(x, context)
         self.calls += 1
-        # A CUDA-graph output is overwritten by the next replay: keep a copy.
-        return loss.detach().clone() if self._cuda_graphs else loss.detach()
+        return loss
 
 
 class _Guard:

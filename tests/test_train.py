@@ -284,14 +284,41 @@ def test_fit_with_compile_takes_full_batches():
 
 
 @pytest.mark.cuda
-def test_compiled_steps_on_cuda_replay_graphs_and_equal_eager_steps():
+def test_compiled_steps_on_cuda_replay_one_graph_and_equal_eager_steps():
     torch.manual_seed(0)
-    eager = pf.NSF(dim=2, layers=2, hidden=(16, 16), actnorm=False).cuda()
-    compiled = pf.NSF(dim=2, layers=2, hidden=(16, 16), actnorm=False).cuda()
+    eager = pf.NSF(dim=2, layers=2, hidden=(16, 16), actnorm=True).cuda()
+    compiled = pf.NSF(dim=2, layers=2, hidden=(16, 16), actnorm=True).cuda()
     compiled.load_state_dict(eager.state_dict())
-    x = data()[:256].cuda()
-    a, b = pf.TrainStep(eager, lr=1e-2), pf.TrainStep(compiled, lr=1e-2, compile=True)
-    kept = [b(x) for _ in range(5)]  # losses kept across replays must not be overwritten
-    expected = [a(x) for _ in range(5)]
+    batches = [data(256, seed=i).cuda() for i in range(9)]
+    batches[7] = batches[7][:100]  # another shape after the graph is recorded
+    a = pf.TrainStep(eager, lr=1e-2, clip_grad=1.0)
+    b = pf.TrainStep(compiled, lr=1e-2, clip_grad=1.0, compile=True)
+    sched_a = torch.optim.lr_scheduler.CosineAnnealingLR(a.optimizer, 9)
+    expected = []
+    for x in batches:
+        expected.append(a(x))
+        sched_a.step()
+    sched_b = torch.optim.lr_scheduler.CosineAnnealingLR(b.optimizer, 9)
+    kept = []
+    for x in batches:
+        kept.append(b(x))  # losses kept across replays must not be overwritten
+        sched_b.step()  # updates the graph's tensor learning rate in place
+    assert b._graph is not None
     torch.testing.assert_close(torch.stack(kept), torch.stack(expected), atol=1e-4, rtol=1e-4)
-    assert b._cuda_graphs
+    for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.cuda
+def test_fit_with_compile_on_cuda_equals_eager_fit():
+    """One recorded CUDA graph per run trains exactly as the eager steps do."""
+    histories = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        flow = small_flow()
+        kw = {"steps": 40, "batch_size": 200, "device": "cuda", "progress": False, "seed": 0}
+        histories.append(pf.fit(flow, data(), compile=compile, **kw))
+    eager, compiled = histories
+    assert np.isfinite(compiled.train_loss).all(), compiled.train_loss
+    np.testing.assert_allclose(compiled.train_loss, eager.train_loss, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(compiled.valid_nll, eager.valid_nll, rtol=1e-4, atol=1e-4)
