@@ -7,16 +7,28 @@ from .autoregressive import MaskedAffineAutoregressive
 from .base import ConditionedTransform, FlowTransform
 from .coupling import AdditiveCoupling, AffineCoupling, coupling_mask
 from .elementwise import ActNorm, ElementwiseAffine, LeakyReLU, Logit, Sigmoid, SinhArcsinh
+from .image import (
+    ActNorm2d,
+    ImageAdditiveCoupling,
+    ImageAffineCoupling,
+    InvConv1x1,
+    Squeeze,
+    image_mask,
+)
 from .linear import LULinear, Permutation, QRLinear, Reverse
 from .splines import SplineAutoregressive, SplineCoupling, SplineParams, rational_quadratic_spline
 
 __all__ = [
     "ActNorm",
+    "ActNorm2d",
     "AdditiveCoupling",
     "AffineCoupling",
     "ConditionedTransform",
     "ElementwiseAffine",
     "FlowTransform",
+    "ImageAdditiveCoupling",
+    "ImageAffineCoupling",
+    "InvConv1x1",
     "LULinear",
     "LeakyReLU",
     "Logit",
@@ -29,6 +41,8 @@ __all__ = [
     "SplineAutoregressive",
     "SplineCoupling",
     "SplineParams",
+    "Squeeze",
     "coupling_mask",
+    "image_mask",
     "rational_quadratic_spline",
 ]

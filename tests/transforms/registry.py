@@ -1,7 +1,9 @@
 """One row per transform for the generic harness in ``test_generic.py``.
 
 To add a transform, add a :class:`Case`: a constructor (called under a fixed seed) and, when the
-transform's domain is not the whole of R^dim, a sampler of points in the domain.
+transform's domain is not the whole of R^dim, a sampler of points in the domain. Image transforms
+(event_dim 3) give their event ``shape``; tiny images (2×4×4 = 32 numbers) keep the float64
+autograd Jacobian cheap.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ import torch
 
 from pyroflows.transforms import (
     ActNorm,
+    ActNorm2d,
     AdditiveCoupling,
     AffineCoupling,
     ElementwiseAffine,
     FlowTransform,
+    ImageAdditiveCoupling,
+    ImageAffineCoupling,
+    InvConv1x1,
     LeakyReLU,
     Logit,
     LULinear,
@@ -28,6 +34,7 @@ from pyroflows.transforms import (
     SinhArcsinh,
     SplineAutoregressive,
     SplineCoupling,
+    Squeeze,
 )
 
 
@@ -47,10 +54,25 @@ class Case:
     sample: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] = normal
     # Checks input sizes: a wrong last dimension must raise a ValueError naming the size.
     sized: bool = True
+    # The event shape of an image transform (event_dim 3); None for vectors of size ``dim``.
+    shape: tuple[int, ...] | None = None
+    # For image transforms that accept any height and width: the error names the channels.
+    any_size: bool = False
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return (self.dim,) if self.shape is None else self.shape
+
+    @property
+    def event_dim(self) -> int:
+        return len(self.event_shape)
 
 
 D = 4
 H = (8, 8)
+IMG = (2, 4, 4)
+IMG3 = (3, 2, 4)  # odd channels: the channel mask splits them 1 + 2
+CONV = {"channels": 4, "blocks": 1}
 CASES: dict[str, Case] = {
     "ElementwiseAffine": Case(lambda: ElementwiseAffine(D)),
     "ActNorm": Case(lambda: ActNorm(D)),
@@ -108,5 +130,33 @@ CASES: dict[str, Case] = {
     "SplineAutoregressive-context": Case(
         lambda: SplineAutoregressive(D, hidden=H, context_dim=2, order="reversed", bins=5),
         context_dim=2,
+    ),
+    # Image transforms (event_dim 3) on tiny images.
+    "Squeeze": Case(lambda: Squeeze(IMG), shape=IMG),
+    "ActNorm2d": Case(lambda: ActNorm2d(IMG[0]), shape=IMG, any_size=True),
+    "InvConv1x1-lu": Case(lambda: InvConv1x1(IMG[0]), shape=IMG, any_size=True),
+    "InvConv1x1-matrix": Case(lambda: InvConv1x1(IMG[0], "matrix"), shape=IMG, any_size=True),
+    "ImageAffineCoupling-checkerboard": Case(lambda: ImageAffineCoupling(IMG, **CONV), shape=IMG),
+    "ImageAffineCoupling-checkerboard-flip-context": Case(
+        lambda: ImageAffineCoupling(IMG, **CONV, flip=True, context_dim=3),
+        shape=IMG,
+        context_dim=3,
+    ),
+    "ImageAffineCoupling-channel": Case(
+        lambda: ImageAffineCoupling(IMG3, **CONV, mask="channel"), shape=IMG3
+    ),
+    "ImageAffineCoupling-channel-flip-context": Case(
+        lambda: ImageAffineCoupling(IMG, **CONV, mask="channel", flip=True, context_dim=2),
+        shape=IMG,
+        context_dim=2,
+    ),
+    "ImageAdditiveCoupling-checkerboard": Case(
+        lambda: ImageAdditiveCoupling(IMG, **CONV), shape=IMG
+    ),
+    "ImageAdditiveCoupling-channel-flip": Case(
+        lambda: ImageAdditiveCoupling(IMG3, **CONV, mask="channel", flip=True), shape=IMG3
+    ),
+    "ImageAdditiveCoupling-checkerboard-context": Case(
+        lambda: ImageAdditiveCoupling(IMG, **CONV, context_dim=2), shape=IMG, context_dim=2
     ),
 }

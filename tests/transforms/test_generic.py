@@ -2,12 +2,15 @@
 
 Each transform is built under a fixed seed, sent a first batch (which initialises data-dependent
 transforms such as ActNorm) and has every parameter perturbed away from its identity
-initialisation, so that the checks see a non-trivial map.
+initialisation, so that the checks see a non-trivial map. Events are vectors ``(dim,)`` or, for
+image transforms, ``(C, H, W)``; Jacobians are taken of the flattened maps, so transforms that
+change the event shape (Squeeze) are checked like the others.
 """
 
 from __future__ import annotations
 
 import io
+import re
 
 import pyro.distributions as dist
 import pytest
@@ -17,6 +20,7 @@ from torch.autograd.functional import jacobian
 from .registry import CASES, Case, normal
 
 NAMES = sorted(CASES)
+IMAGE_NAMES = [n for n in NAMES if CASES[n].shape is not None]
 BATCH_SHAPES = [(), (7,), (3, 5)]
 DTYPES = [torch.float32, torch.float64]
 # Round trips are exact up to rounding: a few hundred ulps of float64 is ample, float32 gets
@@ -30,13 +34,18 @@ def build(case: Case, dtype: torch.dtype = torch.float64, seed: int = 0):
     t = case.make().to(dtype)
     context = torch.randn(case.context_dim, dtype=dtype) if case.context_dim else None
     with torch.no_grad():
-        first = case.sample((64, case.dim), dtype)
+        first = case.sample((64, *case.event_shape), dtype)
         if case.sample is normal:
             first = 1.5 + 2.0 * first  # so that ActNorm's initialisation is not the identity
         t.inverse_and_log_det(t.forward_and_log_det(first, context)[0], context)
         for p in t.parameters():
             p.add_(0.3 * torch.randn_like(p))
     return t, context
+
+
+def flat_jacobian(f, v: torch.Tensor) -> torch.Tensor:
+    """The Jacobian of ``f`` at ``v`` as a square matrix (inputs and outputs flattened)."""
+    return jacobian(lambda u: f(u.reshape(v.shape)).reshape(-1), v.reshape(-1))
 
 
 def contexts(case: Case, batch_shape, dtype):
@@ -50,16 +59,16 @@ def test_log_det_matches_autograd_jacobian(name):
     case = CASES[name]
     t, context = build(case)
     for _ in range(3):
-        x = case.sample((case.dim,), torch.float64)
+        x = case.sample(case.event_shape, torch.float64)
         y, ladj = t.forward_and_log_det(x, context)
-        jac = jacobian(lambda v: t.forward_and_log_det(v, context)[0], x)
+        jac = flat_jacobian(lambda v: t.forward_and_log_det(v, context)[0], x)
         expected = torch.log(torch.abs(torch.det(jac)))
         assert ladj.shape == ()
         torch.testing.assert_close(ladj, expected, atol=1e-6, rtol=0)
 
         # the inverse, fused and through Pyro's interface
         _, ladj_inv = t.inverse_and_log_det(y, context)
-        jac_inv = jacobian(lambda v: t.inverse_and_log_det(v, context)[0], y)
+        jac_inv = flat_jacobian(lambda v: t.inverse_and_log_det(v, context)[0], y)
         expected_inv = torch.log(torch.abs(torch.det(jac_inv)))
         torch.testing.assert_close(ladj_inv, expected_inv, atol=1e-6, rtol=0)
         torch.testing.assert_close(ladj_inv, -ladj, atol=1e-6, rtol=0)
@@ -74,7 +83,7 @@ def test_log_det_matches_autograd_jacobian(name):
 def test_round_trip(name, dtype):
     case = CASES[name]
     t, _ = build(case, dtype)
-    x = case.sample((256, case.dim), dtype)
+    x = case.sample((256, *case.event_shape), dtype)
     context = contexts(case, (256,), dtype)
     y, ladj = t.forward_and_log_det(x, context)
     assert y.dtype == dtype and ladj.dtype == dtype
@@ -93,22 +102,24 @@ def test_round_trip(name, dtype):
 def test_batch_shapes(name, batch_shape):
     case = CASES[name]
     t, _ = build(case)
-    x = case.sample((*batch_shape, case.dim), torch.float64)
+    x = case.sample((*batch_shape, *case.event_shape), torch.float64)
     context = contexts(case, batch_shape, torch.float64)
     bound = t.condition(context).with_cache(0)
     y = bound(x)
-    assert y.shape == x.shape
+    out_event = tuple(bound.forward_shape(case.event_shape))
+    assert y.shape == (*batch_shape, *out_event) == bound.forward_shape(x.shape)
+    assert bound.inv.forward_shape(y.shape) == x.shape
     assert bound.log_abs_det_jacobian(x, y).shape == batch_shape
     assert bound.inv(y).shape == x.shape
     assert bound.inv.log_abs_det_jacobian(y, x).shape == batch_shape
     # the batched result equals the point-by-point one
     ladj = bound.log_abs_det_jacobian(x, y).reshape(-1)
-    flat_x = x.reshape(-1, case.dim)
+    flat_x = x.reshape(-1, *case.event_shape)
     flat_c = None if context is None else context.reshape(-1, case.context_dim)
     for i in range(min(len(flat_x), 4)):
         c = None if flat_c is None else flat_c[i]
         y_i, ladj_i = t.forward_and_log_det(flat_x[i], c)
-        torch.testing.assert_close(y_i, y.reshape(-1, case.dim)[i])
+        torch.testing.assert_close(y_i, y.reshape(-1, *out_event)[i])
         torch.testing.assert_close(ladj_i, ladj[i])
 
 
@@ -116,7 +127,7 @@ def test_batch_shapes(name, batch_shape):
 def test_gradients_reach_every_parameter(name):
     case = CASES[name]
     t, _ = build(case)
-    x = case.sample((32, case.dim), torch.float64).requires_grad_()
+    x = case.sample((32, *case.event_shape), torch.float64).requires_grad_()
     context = contexts(case, (32,), torch.float64)
     y, ladj = t.forward_and_log_det(x, context)
     x_back, ladj_inv = t.inverse_and_log_det(y.detach(), context)
@@ -140,7 +151,7 @@ def test_state_dict_round_trip(name):
     torch.manual_seed(123)  # a fresh module draws a different random init
     fresh = case.make().double()
     fresh.load_state_dict(state)
-    x = case.sample((16, case.dim), torch.float64)
+    x = case.sample((16, *case.event_shape), torch.float64)
     y, ladj = t.forward_and_log_det(x, context)
     y2, ladj2 = fresh.forward_and_log_det(x, context)
     assert torch.equal(y, y2) and torch.equal(ladj, ladj2)
@@ -154,20 +165,22 @@ def test_in_a_pyro_transformed_distribution(name):
     """Both orientations of the transform score and sample inside Pyro's distribution."""
     case = CASES[name]
     t, context = build(case)
-    x = case.sample((10, case.dim), torch.float64)
+    x = case.sample((10, *case.event_shape), torch.float64)
     y = t.forward_and_log_det(x, context)[0].detach()
     bound = t.condition(context)
     if case.sample is normal:
-        base = dist.Normal(torch.zeros(case.dim, dtype=torch.float64), 1.0).to_event(1)
+        zeros = torch.zeros(case.event_shape, dtype=torch.float64)
+        base = dist.Normal(zeros, 1.0).to_event(case.event_dim)
         d = dist.TransformedDistribution(base, [bound])
+        assert d.event_shape == y.shape[1:]
         assert torch.isfinite(d.log_prob(y)).all()
         sample = d.rsample((5,))
-        assert sample.shape == (5, case.dim) and torch.isfinite(d.log_prob(sample)).all()
+        assert sample.shape == (5, *y.shape[1:]) and torch.isfinite(d.log_prob(sample)).all()
     # repr names the class (nn.Module's repr, not Transform's empty one)
     assert type(t).__name__ in repr(t)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].sized])
+@pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].sized and CASES[n].shape is None])
 def test_wrong_last_dimension_is_a_value_error(name):
     case = CASES[name]
     t, context = build(case)
@@ -179,11 +192,39 @@ def test_wrong_last_dimension_is_a_value_error(name):
         t.condition(c).inv(bad)
 
 
+@pytest.mark.parametrize("name", IMAGE_NAMES)
+def test_wrong_event_shape_is_a_value_error(name):
+    """Image transforms name the event shape (or the channels) they expect, in both directions."""
+    case = CASES[name]
+    t, context = build(case)
+    c = None if context is None else context.expand(5, -1)
+    shape_in = case.event_shape
+    shape_out = tuple(t.forward_shape(shape_in))
+    for what, f, shape in [
+        ("input", t.condition(c), shape_in),
+        ("input of the inverse", t.condition(c).inv, shape_out),
+    ]:
+        bad = torch.randn(5, shape[0] + 1, *shape[1:], dtype=torch.float64)
+        if case.any_size:
+            expected = f"expected an {what} with {shape[0]} channels"
+        else:
+            expected = f"expected an {what} with event shape {shape}"
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            f(bad)
+        with pytest.raises(ValueError, match="at least 3 dimension"):
+            f(torch.randn(shape[1:], dtype=torch.float64))
+    if case.any_size:  # any height and width
+        x = torch.randn(5, shape_in[0], 3, 6, dtype=torch.float64)
+        y = t.condition(c)(x)
+        assert y.shape == x.shape
+        torch.testing.assert_close(t.condition(c).inv(y), x)
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].context_dim])
 def test_missing_or_mis_sized_context_is_a_value_error(name):
     case = CASES[name]
     t, _ = build(case)
-    x = torch.randn(5, case.dim, dtype=torch.float64)
+    x = torch.randn(5, *case.event_shape, dtype=torch.float64)
     with pytest.raises(ValueError, match="needs a context"):
         t(x)
     with pytest.raises(ValueError, match="needs a context"):
@@ -197,7 +238,7 @@ def test_missing_or_mis_sized_context_is_a_value_error(name):
 def _check_device(name: str, device: str) -> None:
     case = CASES[name]
     t, context = build(case)
-    x = case.sample((8, case.dim), torch.float64)
+    x = case.sample((8, *case.event_shape), torch.float64)
     y, ladj = t.forward_and_log_det(x, context)
     t_dev = t.to(device)
     c_dev = None if context is None else context.to(device)
