@@ -172,10 +172,15 @@ class MADE(nn.Module):
             torch's global random generator) or a permutation of ``0..dim-1`` (a sequence or 1-D
             integer tensor) where ``order[i]`` is the position of feature ``i``.
         activation: activation module class, instantiated between layers.
+        param_major: return the output parameter by parameter, shape
+            ``(*batch, out_per_dim, dim)`` (all features' first parameter, then all features'
+            second, ...): an elementwise map that reads each parameter across the features
+            (the affine one) then works on contiguous rows, and so does its backward.
 
     Shapes:
         ``x``: ``(*batch, dim)``; ``context``: ``(*batch', context_dim)`` with ``batch'``
-        broadcastable with ``batch``; output: ``(*broadcast(batch, batch'), dim, out_per_dim)``.
+        broadcastable with ``batch``; output: ``(*broadcast(batch, batch'), dim, out_per_dim)``
+        (``(..., out_per_dim, dim)`` with ``param_major=True``).
 
     References:
         MADE: Masked Autoencoder for Distribution Estimation (Germain, Gregor, Murray and
@@ -204,6 +209,8 @@ class MADE(nn.Module):
         context_dim: int = 0,
         order: OrderLike = "natural",
         activation: type[nn.Module] = nn.ReLU,
+        *,
+        param_major: bool = False,
     ) -> None:
         super().__init__()
         check_positive_int("dim", dim)
@@ -230,7 +237,14 @@ class MADE(nn.Module):
 
         degrees = [perm + 1]
         degrees += [torch.arange(h) % (dim - low) + low for h in hidden]
-        out_degrees = (perm + 1).repeat_interleave(out_per_dim)
+        self.param_major = param_major
+        # Output unit j parametrises feature j // out_per_dim (feature-major) or j % dim
+        # (parameter-major); the returned shape is the same either way.
+        out_degrees = (
+            (perm + 1).repeat(out_per_dim)
+            if param_major
+            else (perm + 1).repeat_interleave(out_per_dim)
+        )
         layers = []
         for i, (d_in, d_out) in enumerate(zip(degrees, [*degrees[1:], None], strict=True)):
             if d_out is None:
@@ -280,6 +294,8 @@ class MADE(nn.Module):
             h = F.linear(x, weight, first.bias)
         for activation, layer in zip(self.activations, islice(self.layers, 1, None), strict=True):
             h = F.linear(activation.forward(h), layer.weight * layer.mask, layer.bias)
+        if self.param_major:
+            return h.unflatten(-1, (self.out_per_dim, self.dim))
         return h.unflatten(-1, (self.dim, self.out_per_dim))
 
     def extra_repr(self) -> str:

@@ -67,7 +67,9 @@ def perturbed(net: nn.Module, scale: float = 0.5) -> nn.Module:
 
 
 def output_jacobian(net: MADE, x: torch.Tensor, context=None) -> torch.Tensor:
-    """``J[i, p, j] = ∂ out[i, p] / ∂ x[j]`` for a single point."""
+    """``J[i, p, j] = ∂ out[i, p] / ∂ x[j]`` for a single point (feature i, parameter p)."""
+    if net.param_major:  # out[p, i]
+        return jacobian(lambda v: net(v, context).transpose(-1, -2), x)
     return jacobian(lambda v: net(v, context), x)
 
 
@@ -105,14 +107,28 @@ def test_made_random_order_is_a_permutation_and_autoregressive(seed):
     check_autoregressive(net, net.order, require_all_allowed=False)
 
 
+@pytest.mark.parametrize("param_major", [False, True], ids=["feature-major", "param-major"])
 @pytest.mark.parametrize("hidden", [(), (4,), (16, 16, 16)])
 @pytest.mark.parametrize("key", ["natural", "given"])
-def test_made_connects_every_allowed_pair(key, hidden):
+def test_made_connects_every_allowed_pair(key, hidden, param_major):
     # tanh keeps every unit alive, so every dependency the masks allow is realised: hidden layers
     # of width dim - 1 (the minimum accepted) already connect each output to all earlier inputs.
     torch.manual_seed(0)
-    net = MADE(DIM, hidden=hidden, out_per_dim=2, order=ORDERS[key][0], activation=nn.Tanh)
+    net = MADE(
+        DIM,
+        hidden=hidden,
+        out_per_dim=2,
+        order=ORDERS[key][0],
+        activation=nn.Tanh,
+        param_major=param_major,
+    )
     check_autoregressive(perturbed(net), net.order, require_all_allowed=True)
+
+
+def test_param_major_made_lays_parameters_out_in_contiguous_rows():
+    net = MADE(DIM, hidden=(8,), out_per_dim=2, context_dim=3, param_major=True)
+    h = net(torch.randn(6, DIM), torch.randn(6, 3))
+    assert h.shape == (6, 2, DIM) and h.is_contiguous()
 
 
 @pytest.mark.parametrize("hidden", [(), (DIM,), (16, DIM)], ids=str)

@@ -37,7 +37,8 @@ class _Autoregressive(FlowTransform):
     A subclass (usually through a mixin from :mod:`.elementwise`, shared with the coupling
     families) sets ``params_per_feature`` (conditioner outputs per feature) and implements
     ``_elementwise(v, h) -> (w, ladj)`` and ``_elementwise_inverse(w, h) -> (v, ladj_inv)``, where
-    ``h`` has shape ``(*batch, dim, params_per_feature)`` and ``v`` is already expanded to
+    ``h`` has shape ``(*batch, dim, params_per_feature)`` (``(*batch, params_per_feature, dim)``
+    when the class sets ``param_major``) and ``v`` is already expanded to
     ``h``'s batch shape. ``_elementwise`` is always the forward map (base -> data); the
     orientation only decides whether the conditioner reads ``x`` (``"iaf"``) or ``y``
     (``"maf"``).
@@ -53,6 +54,8 @@ class _Autoregressive(FlowTransform):
     """
 
     params_per_feature: int
+    #: lay the conditioner's output out parameter by parameter (see MADE's ``param_major``)
+    param_major: bool = False
 
     def __init__(
         self,
@@ -70,7 +73,13 @@ class _Autoregressive(FlowTransform):
         self.hidden = _check_hidden(hidden)
         self.orientation = orientation
         self.conditioner = MADE(
-            dim, self.hidden, self.params_per_feature, context_dim, order, activation
+            dim,
+            self.hidden,
+            self.params_per_feature,
+            context_dim,
+            order,
+            activation,
+            param_major=self.param_major,
         )
 
     @property
@@ -82,7 +91,7 @@ class _Autoregressive(FlowTransform):
         return self.conditioner(v, context)
 
     def _map(self, fn, v: torch.Tensor, h: torch.Tensor):
-        return fn(v.expand(*h.shape[:-1]), h)
+        return fn(v.expand(*h.shape[:-2], v.shape[-1]), h)
 
     def _one_pass(self, fn, v: torch.Tensor, read: torch.Tensor, context):
         return self._map(fn, v, self._params(read, context))

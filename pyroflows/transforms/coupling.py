@@ -80,10 +80,12 @@ class _Coupling(FlowTransform):
     families) sets ``params_per_feature`` (conditioner outputs per transformed feature) and
     implements ``_elementwise(x_b, h) -> (y_b, ladj)`` and
     ``_elementwise_inverse(y_b, h) -> (x_b, ladj_inv)``, where ``h`` has shape
-    ``(*batch, n_transformed, params_per_feature)``.
+    ``(*batch, n_transformed, params_per_feature)`` (``(*batch, params_per_feature,
+    n_transformed)`` when the class sets ``param_major``).
     """
 
     params_per_feature: int
+    param_major: bool = False
 
     def __init__(
         self,
@@ -120,6 +122,10 @@ class _Coupling(FlowTransform):
             batch = broadcast_batch(x_a, context, type(self).__name__)
             x_a = x_a.expand(*batch, x_a.shape[-1])
             h = self.conditioner(torch.cat([x_a, context.expand(*batch, self.context_dim)], -1))
+        if self.param_major:
+            # The conditioner's output units are interchangeable: read them parameter-major,
+            # so that an affine map works on contiguous rows (see MADE's ``param_major``).
+            return h.unflatten(-1, (self.params_per_feature, len(self.change_idx)))
         return h.unflatten(-1, (len(self.change_idx), self.params_per_feature))
 
     def _split_and_apply(self, v, context, fn):

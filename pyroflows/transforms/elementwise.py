@@ -195,14 +195,18 @@ def soft_clamp(raw: torch.Tensor, bound: float) -> torch.Tensor:
 class AffineParams:
     """Mixin: the elementwise affine map of coupling and autoregressive affine transforms.
 
-    With conditioner output ``h`` of shape ``(*batch, n, 2)``, ``t = h[..., 0]`` and
-    ``s = soft_clamp(h[..., 1], log_scale_bound)``: ``y = x * exp(s) + t`` with
+    With conditioner output ``h`` of shape ``(*batch, 2, n)`` (parameter-major, see
+    :class:`~pyroflows.nn.MADE`'s ``param_major``), ``t = h[..., 0, :]`` and
+    ``s = soft_clamp(h[..., 1, :], log_scale_bound)``: ``y = x * exp(s) + t`` with
     log|det J| ``= sum(s)``. The class using it sets ``log_scale_bound`` through
     ``_set_log_scale_bound`` (before ``FlowTransform.__init__`` runs, which is harmless: it is a
     plain float).
     """
 
     params_per_feature = 2
+    # Shift and log-scale each read across all features: conditioners lay them out
+    # parameter-major, so both are contiguous rows.
+    param_major = True
     log_scale_bound: float
 
     def _set_log_scale_bound(self, bound: float) -> None:
@@ -217,7 +221,7 @@ class AffineParams:
         return (torch.sigmoid(raw * (2.0 / bound)) - 0.5).mul_(2.0 * bound)
 
     def _shift_and_log_scale(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shift, raw = h.unbind(-1)
+        shift, raw = h.unbind(-2)
         return shift, self._log_scale(raw)
 
     def _elementwise(self, x, h):
@@ -225,7 +229,7 @@ class AffineParams:
         return torch.addcmul(shift, x, log_scale.exp()), log_scale.sum(-1)
 
     def _elementwise_inverse(self, y, h):
-        shift, raw = h.unbind(-1)
+        shift, raw = h.unbind(-2)
         bound = self.log_scale_bound
         negative = (0.5 - torch.sigmoid(raw * (2.0 / bound))).mul_(2.0 * bound)  # -s, directly
         return (y - shift) * negative.exp(), negative.sum(-1)
