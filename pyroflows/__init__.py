@@ -7,8 +7,8 @@ a Pyro distribution: ``flow()`` or, for a conditional flow, ``flow(context)``.
 
 __version__ = "0.1.0"
 
-from . import bases, datasets, diagnostics, flows, infer, nn, transforms
-from .flows import IAF, MAF, NICE, NSF, Flow, LinearFlow, RealNVP
+from . import bases, datasets, diagnostics, flows, images, infer, nn, transforms
+from .flows import IAF, MAF, NICE, NSF, Flow, Glow, LinearFlow, RealNVP
 from .io import load, save
 from .train import History, TrainingDiverged, TrainStep, fit
 
@@ -18,6 +18,7 @@ __all__ = [
     "NICE",
     "NSF",
     "Flow",
+    "Glow",
     "History",
     "LinearFlow",
     "RealNVP",
@@ -29,6 +30,7 @@ __all__ = [
     "diagnostics",
     "fit",
     "flows",
+    "images",
     "infer",
     "load",
     "nn",

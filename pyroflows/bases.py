@@ -31,27 +31,42 @@ def _expand(d: dist.Distribution, context: torch.Tensor | None) -> dist.Distribu
     return d.expand(torch.broadcast_shapes(d.batch_shape, context.shape[:-1]))
 
 
+def _event_shape(dim: int | Sequence[int]) -> tuple[int, ...]:
+    """``(dim,)`` for an integer, the shape itself for a shape such as ``(C, H, W)``."""
+    if isinstance(dim, int) and not isinstance(dim, bool):
+        return (check_positive_int("dim", dim),)
+    try:
+        shape = tuple(dim)
+    except TypeError:
+        raise ValueError(f"dim: expected a positive integer or a shape; got {dim!r}") from None
+    if not shape:
+        raise ValueError("dim: expected a positive integer or a non-empty shape; got ()")
+    for size in shape:
+        check_positive_int("dim", size)
+    return shape
+
+
 class StandardNormal(nn.Module):
-    """The standard Normal ``N(0, I)`` on ``R^dim``, held in buffers.
+    """The standard Normal ``N(0, I)`` on ``R^dim`` (or on tensors of a shape), held in buffers.
 
     Args:
-        dim: number of features.
+        dim: number of features, or the event shape (e.g. ``(C, H, W)`` for images).
 
     Example:
         >>> from pyroflows.bases import StandardNormal
-        >>> StandardNormal(3)().event_shape
-        torch.Size([3])
+        >>> StandardNormal(3)().event_shape, StandardNormal((1, 4, 4))().event_shape
+        (torch.Size([3]), torch.Size([1, 4, 4]))
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int | Sequence[int]) -> None:
         super().__init__()
-        check_positive_int("dim", dim)
-        self.register_buffer("loc", torch.zeros(dim))
-        self.register_buffer("scale", torch.ones(dim))
+        shape = _event_shape(dim)
+        self.register_buffer("loc", torch.zeros(shape))
+        self.register_buffer("scale", torch.ones(shape))
 
     def forward(self, context: torch.Tensor | None = None) -> dist.Distribution:
         # Valid by construction: skipping the argument check saves its cost on every call.
-        d = dist.Normal(self.loc, self.scale, validate_args=False).to_event(1)
+        d = dist.Normal(self.loc, self.scale, validate_args=False).to_event(self.loc.dim())
         return _expand(d, context)
 
 
@@ -61,18 +76,19 @@ class DiagNormal(nn.Module):
     ``scale = exp(soft_clamp(log_scale, 10))``.
 
     Args:
-        dim: number of features.
+        dim: number of features, or the event shape.
     """
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int | Sequence[int]) -> None:
         super().__init__()
-        check_positive_int("dim", dim)
-        self.loc = nn.Parameter(torch.zeros(dim))
-        self.log_scale = nn.Parameter(torch.zeros(dim))
+        shape = _event_shape(dim)
+        self.loc = nn.Parameter(torch.zeros(shape))
+        self.log_scale = nn.Parameter(torch.zeros(shape))
 
     def forward(self, context: torch.Tensor | None = None) -> dist.Distribution:
         scale = soft_clamp(self.log_scale, LOG_SCALE_BOUND).exp()
-        return _expand(dist.Normal(self.loc, scale, validate_args=False).to_event(1), context)
+        d = dist.Normal(self.loc, scale, validate_args=False).to_event(self.loc.dim())
+        return _expand(d, context)
 
 
 class ConditionalDiagNormal(nn.Module):
@@ -118,11 +134,16 @@ BASES = ("normal", "diag_normal", "conditional_normal")
 
 
 def make_base(
-    base: str | nn.Module, dim: int, context_dim: int = 0, hidden: Sequence[int] = (64,)
+    base: str | nn.Module,
+    dim: int | Sequence[int],
+    context_dim: int = 0,
+    hidden: Sequence[int] = (64,),
 ) -> nn.Module:
     """Build a base from its name (``"normal"``, ``"diag_normal"``, ``"conditional_normal"``).
 
-    A module is returned as it is (it must map a context, or ``None``, to a distribution).
+    ``dim`` is the number of features or an event shape (``"conditional_normal"``: vectors
+    only). A module is returned as it is (it must map a context, or ``None``, to a
+    distribution).
     """
     if isinstance(base, nn.Module):
         return base
@@ -133,5 +154,9 @@ def make_base(
     if base == "conditional_normal":
         if not context_dim:
             raise ValueError("base='conditional_normal' needs context_dim > 0; got context_dim=0")
+        if not isinstance(dim, int):
+            raise ValueError(
+                f"base='conditional_normal' is for vector events; got the event shape {dim}"
+            )
         return ConditionalDiagNormal(dim, context_dim, hidden)
     raise ValueError(f"base: expected one of {BASES} or an nn.Module; got {base!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch.distributions import Transform
 from torch.distributions.transforms import _InverseTransform
 
 from ._checks import check_positive_int
-from .bases import make_base
+from .bases import _event_shape, make_base
 from .transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -39,9 +40,27 @@ from .transforms import (
 )
 from .transforms.autoregressive import MaskedAffineAutoregressive
 from .transforms.base import FlowTransform, check_context
+from .transforms.image import (
+    ActNorm2d,
+    ImageAffineCoupling,
+    ImageSigmoid,
+    InvConv1x1,
+    _check_shape,
+)
+from .transforms.multiscale import FactorOut, Squeezed
 from .transforms.splines import SplineAutoregressive, SplineCoupling
 
-__all__ = ["IAF", "MAF", "NICE", "NSF", "Flow", "FlowDistribution", "LinearFlow", "RealNVP"]
+__all__ = [
+    "IAF",
+    "MAF",
+    "NICE",
+    "NSF",
+    "Flow",
+    "FlowDistribution",
+    "Glow",
+    "LinearFlow",
+    "RealNVP",
+]
 
 MIXINGS = ("reverse", "random", "lu", "qr", None)
 
@@ -117,7 +136,9 @@ class Flow(nn.Module):
             Transforms that are ``nn.Module``\\ s, and the modules behind inverses ``m.inv``, are
             registered (``pyro.module`` and ``.parameters()`` reach them); conditional ones are
             bound with ``condition(context)`` on each call.
-        dim: number of features.
+        dim: number of features, or the event shape of a flow over tensors (``(C, H, W)`` for
+            images, see :class:`Glow`): then ``flow.event_shape`` is that shape and
+            ``flow.dim`` the number of entries.
         context_dim: size of the context, 0 for an unconditional flow.
         base: ``"normal"`` (standard Normal, the default), ``"diag_normal"`` (learnable
             diagonal Normal), ``"conditional_normal"`` (a diagonal Normal whose mean and scale a
@@ -138,27 +159,33 @@ class Flow(nn.Module):
     def __init__(
         self,
         transforms: Sequence[Transform],
-        dim: int,
+        dim: int | Sequence[int],
         context_dim: int = 0,
         base: str | nn.Module = "normal",
         base_hidden: Sequence[int] = (64,),
     ) -> None:
         super().__init__()
-        check_positive_int("dim", dim)
+        shape = _event_shape(dim)
         if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
             raise ValueError(f"context_dim: expected a non-negative integer; got {context_dim!r}")
         for t in transforms:
             if not isinstance(t, (Transform, ConditionalTransform)):
                 raise TypeError(f"transforms: expected Pyro/torch transforms; got {type(t)}")
-        self.dim = dim
+        #: the shape of one event: ``(dim,)`` for vectors, e.g. ``(C, H, W)`` for images
+        self.event_shape = shape
+        #: the number of entries of one event
+        self.dim = math.prod(shape)
         self.context_dim = context_dim
-        self.base = make_base(base, dim, context_dim, base_hidden)
+        self.base = make_base(base, dim if len(shape) > 1 else shape[0], context_dim, base_hidden)
         modules = [m for m in map(_module_of, transforms) if m is not None]
         self.transforms = nn.ModuleList(modules)
         self._chain = list(transforms)
-        # Every layer a pyroflows transform on vectors: the distribution's fast paths apply.
+        # Every layer a pyroflows transform that keeps the event shape: the distribution's
+        # fast paths apply.
         self._simple = all(
-            isinstance(t, FlowTransform) and t.domain.event_dim == t.codomain.event_dim == 1
+            isinstance(t, FlowTransform)
+            and t.domain.event_dim == t.codomain.event_dim == len(shape)
+            and tuple(t.forward_shape(shape)) == shape
             for t in self._chain
         )
 
@@ -208,7 +235,7 @@ class Flow(nn.Module):
             t.condition(context) if isinstance(t, ConditionalTransform) else t for t in self._chain
         ]
         base = self.base(context)
-        simple = self._simple and base.event_shape == (self.dim,)
+        simple = self._simple and base.event_shape == self.event_shape
         return FlowDistribution(base, parts, simple=simple)
 
     def _check_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
@@ -223,7 +250,7 @@ class Flow(nn.Module):
         return check_context(name, context, self.context_dim, "call flow(context)")
 
     def extra_repr(self) -> str:
-        extra = f"dim={self.dim}"
+        extra = f"dim={self.dim}" if len(self.event_shape) == 1 else f"shape={self.event_shape}"
         return extra + (f", context_dim={self.context_dim}" if self.context_dim else "")
 
 
@@ -313,7 +340,7 @@ class NICE(Flow):
 
 
 class RealNVP(Flow):
-    """RealNVP: affine coupling layers with alternating masks.
+    r"""RealNVP: affine coupling layers with alternating masks.
 
     Each layer is an :class:`~pyroflows.transforms.AffineCoupling` (soft-clamped log-scales,
     masks flipped from layer to layer) and, with ``actnorm=True``, an
@@ -324,15 +351,34 @@ class RealNVP(Flow):
     0.02 nats on the checkerboard; turn it on for data far from unit scale. Sampling and
     density are both one conditioner pass per layer.
 
+    **Images.** ``RealNVP(shape=(C, H, W))`` builds the paper's multi-scale architecture over
+    images instead, one distribution over the full ``(C, H, W)`` tensor. At each of ``scales``
+    scales but the last (base side last): three :class:`~pyroflows.transforms.ImageAffineCoupling`
+    layers with alternating checkerboard masks, a squeeze, three with alternating channel masks,
+    and the factor-out of half of the channels (:class:`~pyroflows.transforms.FactorOut`: they go
+    to the base); the last scale has four checkerboard couplings. The conditioners are
+    :class:`~pyroflows.nn_image.ConvResNet`\ s with ``channels`` hidden channels and ``blocks``
+    residual blocks. With ``logit`` (default 0.05) the data side ends in
+    :class:`~pyroflows.transforms.ImageSigmoid`: the flow models images in ``[0, 1]`` (e.g.
+    dequantised 8-bit images, :func:`pyroflows.images.dequantize`) through the paper's logit
+    pre-processing, its Jacobian included in ``log_prob``.
+
     Args:
-        dim: number of features (at least 2).
-        layers: number of coupling layers.
-        hidden: hidden widths of each coupling conditioner.
-        context_dim: size of the context (0: unconditional).
-        mask: ``"half"`` or ``"alternate"``, flipped from layer to layer.
-        actnorm: add an ActNorm after each coupling layer.
+        dim: number of features (at least 2); ``None`` with ``shape``.
+        layers: number of coupling layers (vectors).
+        hidden: hidden widths of each coupling conditioner (vectors).
+        context_dim: size of the context (0: unconditional); for images the context reaches
+            every coupling's conditioner as constant extra channels (e.g. a one-hot class).
+        mask: ``"half"`` or ``"alternate"``, flipped from layer to layer (vectors).
+        actnorm: add an ActNorm after each coupling layer (vectors).
         log_scale_bound: soft bound on each layer's log-scale.
         base: see :class:`Flow`.
+        shape: ``(C, H, W)``: build the multi-scale image flow (``H`` and ``W`` divisible by
+            ``2 ** (scales - 1)``).
+        scales: number of scales (images).
+        channels: hidden channels of the convolutional conditioners (images).
+        blocks: residual blocks per conditioner (images).
+        logit: ``alpha`` of the logit pre-processing, or ``None`` for real-valued images.
 
     References:
         Density estimation using Real NVP (Dinh, Sohl-Dickstein and Bengio, 2017).
@@ -343,11 +389,15 @@ class RealNVP(Flow):
         >>> flow = pf.RealNVP(dim=3, layers=2, hidden=(16,), context_dim=2)
         >>> flow(torch.randn(7, 2)).batch_shape
         torch.Size([7])
+        >>> images = pf.RealNVP(shape=(1, 8, 8), channels=8, blocks=1)
+        >>> d = images()
+        >>> d.event_shape, d.log_prob(torch.rand(5, 1, 8, 8)).shape
+        (torch.Size([1, 8, 8]), torch.Size([5]))
     """
 
     def __init__(
         self,
-        dim: int,
+        dim: int | None = None,
         layers: int = 5,
         hidden: Sequence[int] = (64, 64),
         context_dim: int = 0,
@@ -355,8 +405,25 @@ class RealNVP(Flow):
         actnorm: bool = False,
         log_scale_bound: float = 3.0,
         base: str | nn.Module = "normal",
+        *,
+        shape: Sequence[int] | None = None,
+        scales: int = 2,
+        channels: int = 64,
+        blocks: int = 2,
+        logit: float | None = 0.05,
     ) -> None:
-        blocks = [
+        if shape is not None:
+            if dim is not None:
+                raise ValueError("RealNVP: give dim (vectors) or shape (images), not both")
+            shape = _check_image_shape(shape, scales, "scales")
+            parts = _realnvp_scale(shape, 0, scales, channels, blocks, context_dim, log_scale_bound)
+            if logit is not None:
+                parts.append(ImageSigmoid(shape, alpha=logit))
+            super().__init__(parts, shape, context_dim, base)
+            return
+        if dim is None:
+            raise ValueError("RealNVP: expected dim (vectors) or shape=(C, H, W) (images)")
+        couplings = [
             AffineCoupling(
                 dim,
                 hidden,
@@ -366,7 +433,7 @@ class RealNVP(Flow):
             )
             for i in range(_check_layers(layers))
         ]
-        super().__init__(_stack(blocks, dim, None, actnorm), dim, context_dim, base)
+        super().__init__(_stack(couplings, dim, None, actnorm), dim, context_dim, base)
 
 
 class MAF(Flow):
@@ -547,6 +614,126 @@ class NSF(Flow):
                 for i in range(layers)
             ]
         super().__init__(_stack(blocks, dim, mixing, actnorm), dim, context_dim, base)
+
+
+def _check_image_shape(shape: Sequence[int], levels: int, name: str) -> tuple[int, int, int]:
+    shape = _check_shape(shape)
+    check_positive_int(name, levels)
+    factor = 2 ** (levels if name == "levels" else levels - 1)
+    if shape[1] % factor or shape[2] % factor:
+        raise ValueError(
+            f"shape: height and width must be divisible by {factor} for {name}={levels} "
+            f"(one 2x2 squeeze per {name[:-1]}); got {shape}"
+        )
+    return shape
+
+
+def _realnvp_scale(shape, i, scales, channels, blocks, context_dim, bound) -> list:
+    """RealNVP's image layers at scale ``i`` on ``shape``, base side first."""
+
+    def coupling(s, mask, flip):
+        return ImageAffineCoupling(
+            s, channels, blocks, mask, bool(flip), context_dim, log_scale_bound=bound
+        )
+
+    if i == scales - 1:
+        return [coupling(shape, "checkerboard", k % 2) for k in range(4)]
+    c, h, w = shape
+    squeezed = (4 * c, h // 2, w // 2)
+    coarser = _realnvp_scale(
+        (2 * c, h // 2, w // 2), i + 1, scales, channels, blocks, context_dim, bound
+    )
+    inner = [FactorOut(squeezed, 2 * c, coarser, context_dim)]
+    inner += [coupling(squeezed, "channel", k % 2) for k in range(3)]
+    return [
+        Squeezed(shape, inner, context_dim),
+        *(coupling(shape, "checkerboard", k % 2) for k in range(3)),
+    ]
+
+
+class Glow(Flow):
+    """Glow: multi-scale flow of ActNorm, invertible 1x1 convolutions and affine couplings.
+
+    One distribution over ``(C, H, W)`` images. At each of ``levels`` levels (data side to
+    base side, as in the paper): a squeeze, ``steps`` steps of flow, and, except at the last
+    level, the factor-out of half of the channels. A step is
+    :class:`~pyroflows.transforms.ActNorm2d` (initialised from the first batch),
+    :class:`~pyroflows.transforms.InvConv1x1` (LU-parametrised, starting at a random rotation)
+    and an :class:`~pyroflows.transforms.ImageAffineCoupling` with a channel mask (alternating
+    halves) whose conditioner is a :class:`~pyroflows.nn_image.ConvResNet` with ``channels``
+    hidden channels and ``blocks`` residual blocks, zero-initialised at its output. The factored
+    channels reach the standard Normal base through :class:`~pyroflows.transforms.FactorOut`;
+    with ``split_prior=True`` (the default) a channel coupling that reads the kept half shifts
+    and scales them first: Glow's learned prior ``p(z_out | z_kept)``. With ``logit`` the data
+    side ends in :class:`~pyroflows.transforms.ImageSigmoid` (images in ``[0, 1]``).
+
+    Args:
+        shape: ``(C, H, W)``, with ``H`` and ``W`` divisible by ``2 ** levels``.
+        levels: number of levels ``L``.
+        steps: steps of flow per level ``K``.
+        channels: hidden channels of the coupling conditioners.
+        blocks: residual blocks per conditioner (0: conv, activation, conv).
+        context_dim: size of the context (0: unconditional), e.g. a one-hot class for a
+            class-conditional model; every conditioner sees it as constant extra channels.
+        split_prior: learn the prior of the factored-out channels from the kept ones.
+        logit: ``alpha`` of the logit pre-processing, or ``None`` for real-valued images.
+        base: see :class:`Flow`.
+
+    References:
+        Glow: Generative Flow with Invertible 1x1 Convolutions (Kingma and Dhariwal, 2018).
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> flow = pf.Glow((1, 8, 8), levels=2, steps=2, channels=8, context_dim=10)
+        >>> d = flow(torch.eye(10)[:3])  # one-hot classes
+        >>> d.sample().shape, d.log_prob(torch.rand(3, 1, 8, 8)).shape
+        (torch.Size([3, 1, 8, 8]), torch.Size([3]))
+    """
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        levels: int = 3,
+        steps: int = 8,
+        channels: int = 128,
+        blocks: int = 1,
+        context_dim: int = 0,
+        split_prior: bool = True,
+        logit: float | None = 0.05,
+        base: str | nn.Module = "normal",
+    ) -> None:
+        shape = _check_image_shape(shape, levels, "levels")
+        check_positive_int("steps", steps)
+
+        def level(s: tuple[int, int, int], i: int) -> list:
+            c, h, w = s
+            squeezed = (4 * c, h // 2, w // 2)
+            inner: list = []
+            if i < levels - 1:
+                inner.append(
+                    FactorOut(squeezed, 2 * c, level((2 * c, h // 2, w // 2), i + 1), context_dim)
+                )
+                if split_prior:
+                    inner.append(
+                        ImageAffineCoupling(
+                            squeezed, channels, blocks, "channel", False, context_dim
+                        )
+                    )
+            for k in range(steps):
+                inner += [
+                    ImageAffineCoupling(
+                        squeezed, channels, blocks, "channel", bool(k % 2), context_dim
+                    ),
+                    InvConv1x1(4 * c),
+                    ActNorm2d(4 * c),
+                ]
+            return [Squeezed(s, inner, context_dim)]
+
+        parts = level(shape, 0)
+        if logit is not None:
+            parts.append(ImageSigmoid(shape, alpha=logit))
+        super().__init__(parts, shape, context_dim, base)
 
 
 ELEMENTWISE = ("sinh_arcsinh", "leaky_relu", None)

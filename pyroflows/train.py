@@ -86,12 +86,15 @@ def _as_tensor(name: str, value: Any, dtype: torch.dtype) -> torch.Tensor:
     return value.to(dtype)
 
 
-def _check_rows(name: str, x: torch.Tensor, width: int, what: str) -> None:
-    if x.dim() != 2 or x.shape[1] != width:
-        raise ValueError(f"{name}: expected shape (N, {width}) ({what}); got {tuple(x.shape)}")
+def _check_rows(name: str, x: torch.Tensor, width: int | tuple[int, ...], what: str) -> None:
+    """Rows of ``width`` numbers, or of events of the shape ``width``, all finite."""
+    shape = (width,) if isinstance(width, int) else tuple(width)
+    if tuple(x.shape[1:]) != shape:
+        expected = ", ".join(map(str, ("N", *shape)))
+        raise ValueError(f"{name}: expected shape ({expected}) ({what}); got {tuple(x.shape)}")
     if x.shape[0] == 0:
         raise ValueError(f"{name}: expected at least one row; got none")
-    bad = (~torch.isfinite(x)).any(dim=1).nonzero().squeeze(1)
+    bad = (~torch.isfinite(x)).flatten(1).any(dim=1).nonzero().squeeze(1)
     if bad.numel():
         shown = bad[:10].tolist()
         more = f" and {bad.numel() - 10} more" if bad.numel() > 10 else ""
@@ -130,7 +133,7 @@ def _split(
             return x[t_idx], None, x[v_idx], None
         return x[t_idx], c[t_idx], x[v_idx], c[v_idx]
     xv = _as_tensor("valid", valid, dtype)
-    _check_rows("valid", xv, flow.dim, "rows of validation data")
+    _check_rows("valid", xv, flow.event_shape, "rows of validation data")
     cv = None
     if flow.context_dim:
         if valid_context is None:
@@ -307,10 +310,11 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         flow = self.flow
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != flow.dim:
+        if not isinstance(x, torch.Tensor) or tuple(x.shape[1:]) != flow.event_shape:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            expected = ", ".join(map(str, flow.event_shape))
             raise ValueError(
-                f"TrainStep: expected a batch of shape (batch, {flow.dim}); got {shape}"
+                f"TrainStep: expected a batch of shape (batch, {expected}); got {shape}"
             )
         if flow.context_dim and (context is None or context.shape != (len(x), flow.context_dim)):
             shape = None if context is None else tuple(context.shape)
@@ -608,7 +612,7 @@ def fit(
     params = list(flow.parameters())
     dtype = params[0].dtype if params else torch.get_default_dtype()
     x = _as_tensor("data", data, dtype)
-    _check_rows("data", x, flow.dim, "one row per point, as many columns as the flow's dim")
+    _check_rows("data", x, flow.event_shape, "one row per point, each of the flow's event shape")
     c = None
     if flow.context_dim:
         if context is None:

@@ -11,11 +11,13 @@ from .image import (
     ActNorm2d,
     ImageAdditiveCoupling,
     ImageAffineCoupling,
+    ImageSigmoid,
     InvConv1x1,
     Squeeze,
     image_mask,
 )
 from .linear import LULinear, Permutation, QRLinear, Reverse
+from .multiscale import FactorOut, Squeezed
 from .splines import SplineAutoregressive, SplineCoupling, SplineParams, rational_quadratic_spline
 
 __all__ = [
@@ -25,9 +27,11 @@ __all__ = [
     "AffineCoupling",
     "ConditionedTransform",
     "ElementwiseAffine",
+    "FactorOut",
     "FlowTransform",
     "ImageAdditiveCoupling",
     "ImageAffineCoupling",
+    "ImageSigmoid",
     "InvConv1x1",
     "LULinear",
     "LeakyReLU",
@@ -42,6 +46,7 @@ __all__ = [
     "SplineCoupling",
     "SplineParams",
     "Squeeze",
+    "Squeezed",
     "coupling_mask",
     "image_mask",
     "rational_quadratic_spline",

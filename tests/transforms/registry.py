@@ -22,6 +22,7 @@ from pyroflows.transforms import (
     FlowTransform,
     ImageAdditiveCoupling,
     ImageAffineCoupling,
+    ImageSigmoid,
     InvConv1x1,
     LeakyReLU,
     Logit,
@@ -159,4 +160,6 @@ CASES: dict[str, Case] = {
     "ImageAdditiveCoupling-checkerboard-context": Case(
         lambda: ImageAdditiveCoupling(IMG, **CONV, context_dim=2), shape=IMG, context_dim=2
     ),
+    "ImageSigmoid": Case(lambda: ImageSigmoid(IMG), shape=IMG),
+    "ImageSigmoid-alpha0": Case(lambda: ImageSigmoid(IMG, alpha=0.0), shape=IMG),
 }

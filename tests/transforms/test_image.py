@@ -1,4 +1,5 @@
 import io
+import math
 
 import pyro.distributions as dist
 import pytest
@@ -9,10 +10,12 @@ from pyroflows.transforms import (
     ActNorm2d,
     ImageAdditiveCoupling,
     ImageAffineCoupling,
+    ImageSigmoid,
     InvConv1x1,
     Squeeze,
     image_mask,
 )
+from pyroflows.transforms.elementwise import Logit, Sigmoid
 
 SHAPE = (2, 4, 4)
 CONV = {"channels": 4, "blocks": 1}
@@ -351,3 +354,115 @@ def test_conditional_image_flow_has_the_context_batch_shape():
     x = d.sample((2,))
     assert x.shape == (2, 4, *SHAPE)
     assert torch.isfinite(d.log_prob(x)).all() and d.log_prob(x).shape == (2, 4)
+
+
+# -- ImageSigmoid --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("alpha", [0.05, 0.0, 0.3])
+def test_image_sigmoid_inverts_its_forward_map_both_ways(alpha, dtype):
+    t = ImageSigmoid(SHAPE, alpha=alpha)
+    z = torch.linspace(-8.0, 8.0, 7 * 32, dtype=dtype).reshape(7, *SHAPE)
+    y, ladj = t.forward_and_log_det(z)
+    z_back, ladj_inv = t.inverse_and_log_det(y)
+    tol = 1e-4 if dtype == torch.float32 else 1e-9
+    torch.testing.assert_close(z_back, z, atol=tol, rtol=tol)
+    torch.testing.assert_close(ladj_inv, -ladj, atol=tol, rtol=tol)
+    pixels = torch.rand(7, *SHAPE, dtype=dtype)
+    torch.testing.assert_close(t(t.inv(pixels)), pixels, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.3])
+def test_image_sigmoid_inverse_is_realnvp_logit_preprocessing(alpha):
+    t = ImageSigmoid(SHAPE, alpha=alpha)
+    y = torch.rand(5, *SHAPE, dtype=torch.float64)
+    z, ladj_inv = t.inverse_and_log_det(y)
+    u = alpha + (1 - 2 * alpha) * y
+    torch.testing.assert_close(z, torch.logit(u))
+    # log|dz/dy| = sum(log(1 - 2a) - log u - log(1 - u))
+    expected = (math.log(1 - 2 * alpha) - u.log() - torch.log1p(-u)).sum((-3, -2, -1))
+    torch.testing.assert_close(ladj_inv, expected)
+    # at z = 0 every entry contributes log(1/4) - log(1 - 2a)
+    _, ladj0 = t.forward_and_log_det(torch.zeros(SHAPE, dtype=torch.float64))
+    torch.testing.assert_close(ladj0.item(), 32 * (math.log(0.25) - math.log(1 - 2 * alpha)))
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_image_sigmoid_is_finite_at_pixel_values_0_and_1(alpha, dtype):
+    t = ImageSigmoid(SHAPE, alpha=alpha)
+    y = torch.zeros(2, *SHAPE, dtype=dtype)
+    y[1] = 1.0
+    z, ladj_inv = t.inverse_and_log_det(y)
+    assert torch.isfinite(z).all() and torch.isfinite(ladj_inv).all()
+    assert (z[0] < 0).all() and (z[1] > 0).all()
+    if alpha > 0:  # exactly logit(a) and logit(1 - a)
+        logit = math.log(alpha / (1 - alpha))
+        torch.testing.assert_close(z[0], torch.full(SHAPE, logit, dtype=dtype))
+        torch.testing.assert_close(z[1], torch.full(SHAPE, -logit, dtype=dtype))
+    y_back, ladj = t.forward_and_log_det(z)
+    assert torch.isfinite(y_back).all() and torch.isfinite(ladj).all()
+    torch.testing.assert_close(y_back, y, atol=1e-6, rtol=0)
+    # and the forward map far in the tails stays finite, inside the codomain, and invertible
+    far = torch.tensor([-1e4, -100.0, 100.0, 1e4], dtype=dtype).repeat(8).reshape(SHAPE)
+    y_far, ladj_far = t.forward_and_log_det(far)
+    assert torch.isfinite(y_far).all() and torch.isfinite(ladj_far).all()
+    assert t.codomain.check(y_far).all()
+    assert torch.isfinite(t.inv(y_far)).all()
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.0])
+def test_image_sigmoid_log_det_matches_autograd(alpha):
+    t = ImageSigmoid(SHAPE, alpha=alpha)
+    z = (6.0 * torch.randn(3, *SHAPE, dtype=torch.float64)).requires_grad_()
+    y, ladj = t.forward_and_log_det(z)
+    # elementwise: the Jacobian is diagonal, with the derivatives dy_i/dz_i
+    (derivative,) = torch.autograd.grad(y.sum(), z)
+    expected = derivative.log().sum((-3, -2, -1))
+    torch.testing.assert_close(ladj, expected)
+    torch.testing.assert_close(t.log_abs_det_jacobian(z, y), expected)
+
+
+def test_image_sigmoid_with_alpha_0_is_the_vector_sigmoid():
+    z = torch.cat(
+        [
+            20.0 * torch.randn(4, *SHAPE),
+            torch.tensor([-200.0, 200.0]).repeat(16)[None].reshape(1, *SHAPE),
+        ]
+    )
+    t = ImageSigmoid(SHAPE, alpha=0.0)
+    y, ladj = t.forward_and_log_det(z)
+    y_vec, ladj_vec = Sigmoid().forward_and_log_det(z.flatten(-3))
+    assert torch.equal(y.flatten(-3), y_vec)
+    torch.testing.assert_close(ladj, ladj_vec, atol=0, rtol=1e-6)
+    z_back, ladj_inv = t.inverse_and_log_det(y)
+    z_vec, ladj_inv_vec = Logit().forward_and_log_det(y_vec)
+    assert torch.equal(z_back.flatten(-3), z_vec)
+    torch.testing.assert_close(ladj_inv, ladj_inv_vec, atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.0, 0.3])
+def test_image_sigmoid_codomain_is_the_exact_image_interval(alpha):
+    t = ImageSigmoid(SHAPE, alpha=alpha)
+    interval = t.codomain.base_constraint
+    assert t.domain.event_dim == 3 and t.codomain.event_dim == 3
+    assert interval.lower_bound == pytest.approx(-alpha / (1 - 2 * alpha))
+    assert interval.upper_bound == pytest.approx((1 - alpha) / (1 - 2 * alpha))
+    # and a distribution built on it samples there and scores its samples
+    base = dist.Normal(torch.zeros(SHAPE), 3.0).to_event(3)
+    d = dist.TransformedDistribution(base, [t])
+    x = d.sample((50,))
+    assert d.support.check(x).all() and torch.isfinite(d.log_prob(x)).all()
+    assert "alpha=" in repr(t)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 0.5, 1.0, True, "0.05", float("nan")])
+def test_image_sigmoid_rejects_bad_alpha(alpha):
+    with pytest.raises(ValueError, match=r"alpha: expected a number in \[0, 0.5\)"):
+        ImageSigmoid(SHAPE, alpha=alpha)
+
+
+def test_image_sigmoid_rejects_a_bad_shape():
+    with pytest.raises(ValueError, match="shape: expected"):
+        ImageSigmoid((4, 4))
