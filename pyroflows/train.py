@@ -205,7 +205,8 @@ class TrainStep:
         compile: ``False``, ``True`` or a ``torch.compile`` mode.
 
     Shapes:
-        ``x``: ``(batch, dim)``; ``context``: ``(batch, context_dim)``; returns a 0-d tensor.
+        ``x``: ``(batch, *flow.event_shape)`` (``(batch, dim)`` for vectors); ``context``:
+        ``(batch, context_dim)``; returns a 0-d tensor.
 
     Example:
         >>> import torch, pyroflows as pf
@@ -538,6 +539,7 @@ def fit(
     seed: int | None = None,
     callback: Callable[[int, History], bool | None] | None = None,
     compile: bool | str = False,
+    dequantize: int | None = None,
 ) -> History:
     """Fit a flow to data by maximum likelihood (minibatch Adam on the mean NLL).
 
@@ -546,7 +548,8 @@ def fit(
 
     Args:
         flow: the flow to train (in place).
-        data: ``(N, dim)`` tensor or array; converted to the flow's dtype.
+        data: ``(N, dim)`` tensor or array (``(N, C, H, W)`` for an image flow: ``(N,
+            *flow.event_shape)``); converted to the flow's dtype.
         context: ``(N, context_dim)`` contexts for a conditional flow (p(x | c)).
         steps: number of optimiser steps (default 1000 unless ``epochs`` is given).
         epochs: number of passes over the training data (instead of ``steps``).
@@ -576,6 +579,12 @@ def fit(
             mode); see :class:`TrainStep`. Every step then takes a full batch (the rows left
             over when ``batch_size`` does not divide the training set are skipped in that
             epoch, a different few each epoch), so that one compiled graph serves the run.
+        dequantize: for discrete images, their bit depth (``8``): ``data`` then holds integers
+            in ``[0, 2**bits - 1]`` and every batch is dequantised afresh,
+            ``(x + u) / 2**bits`` with uniform ``u`` (:func:`pyroflows.images.dequantize`),
+            so the flow models ``[0, 1]`` images (use one ending in
+            :class:`~pyroflows.transforms.ImageSigmoid`); validation data is dequantised once.
+            Report the result with :func:`pyroflows.images.bits_per_dim`.
 
     Returns:
         A :class:`History`.
@@ -632,6 +641,13 @@ def fit(
     generator = torch.Generator()
     generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
     x, c, xv, cv = _split(x, c, valid, valid_context, generator, flow, dtype)
+    if dequantize is not None:
+        from .images import dequantize as _dequantize
+
+        check_positive_int("dequantize", dequantize)
+        _dequantize(x, dequantize)  # refuses data that are not integers in range
+        if xv is not None:
+            xv = _dequantize(xv, dequantize, generator=generator).to(dtype)
     n = len(x)
     if compile and n >= batch_size:
         steps_per_epoch = n // batch_size  # full batches only: one compiled graph
@@ -679,7 +695,10 @@ def fit(
         # Data-dependent initialisation (ActNorm) from one large batch rather than the first
         # minibatch.
         with torch.no_grad():
-            flow(None if c is None else c[:INIT_BATCH]).log_prob(x[:INIT_BATCH].to(device))
+            first = x[:INIT_BATCH].to(device)
+            if dequantize is not None:
+                first = (first + torch.rand_like(first)) / 2**dequantize
+            flow(None if c is None else c[:INIT_BATCH]).log_prob(first)
 
     loop: _Loop
 
@@ -690,6 +709,8 @@ def fit(
             order = torch.randperm(n, generator=generator)
         idx = order[position * batch_size : (position + 1) * batch_size]
         xb = x[idx.to(x.device)].to(device, non_blocking=True)
+        if dequantize is not None:
+            xb = (xb + torch.rand_like(xb)) / 2**dequantize
         cb = None if c is None else c[idx.to(c.device)].to(device, non_blocking=True)
         loss = train_step(xb, cb)
         if sched is not None:

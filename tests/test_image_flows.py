@@ -146,3 +146,19 @@ def test_glow_on_cuda():
         progress=False,
     )
     assert np.isfinite(history.train_loss).all()
+
+
+def test_fit_dequantizes_integer_images_and_bits_per_dim_reports_them():
+    torch.manual_seed(0)
+    x = torch.randint(0, 64, (300, 1, 4, 4))  # 8-bit images using only the darkest quarter
+    flow = pf.Glow((1, 4, 4), levels=1, steps=2, channels=8)
+    before = pf.images.bits_per_dim(flow, x[:100])
+    history = pf.fit(
+        flow, x, steps=80, batch_size=64, lr=3e-3, dequantize=8, progress=False, seed=0
+    )
+    after = pf.images.bits_per_dim(flow, x[:100])
+    assert np.isfinite(history.train_loss).all()
+    # A uniform model of [0, 1) costs 8 bits per pixel; these images need at most 6.
+    assert after < before and after < 7.0
+    with pytest.raises(ValueError):
+        pf.fit(flow, x.float() + 0.5, steps=1, dequantize=8, progress=False)
