@@ -71,6 +71,21 @@ class ElementwiseAffine(FlowTransform):
         return self.log_scale.sum().expand(_batch(x))
 
 
+def _standardise(module: FlowTransform, mean: torch.Tensor, std: torch.Tensor, inverse: bool):
+    """Set an ActNorm's ``shift``/``log_scale`` so that the batch with these per-feature (or
+    per-channel) statistics comes out standardised, and mark the module initialised (its
+    ``initialized`` buffer and the Python mirror)."""
+    with torch.no_grad():
+        if inverse:  # x = (y - t) exp(-s) standardised
+            module.shift.copy_(mean)
+            module.log_scale.copy_(std.log())
+        else:  # y = exp(s) x + t standardised
+            module.log_scale.copy_(-std.log())
+            module.shift.copy_(-mean / std)
+        module.initialized.fill_(True)
+    module._initialized = True
+
+
 class ActNorm(ElementwiseAffine):
     """Activation normalisation (Glow): an elementwise affine map initialised from data.
 
@@ -114,17 +129,8 @@ class ActNorm(ElementwiseAffine):
         flat = v.detach().reshape(-1, v.shape[-1])
         if flat.shape[0] < 2:
             return
-        mean = flat.mean(0)
         std = flat.std(0, unbiased=False).clamp_min(self.min_std)
-        with torch.no_grad():
-            if inverse:  # x = (y - t) exp(-s) standardised
-                self.shift.copy_(mean)
-                self.log_scale.copy_(std.log())
-            else:  # y = exp(s) x + t standardised
-                self.log_scale.copy_(-std.log())
-                self.shift.copy_(-mean / std)
-            self.initialized.fill_(True)
-        self._initialized = True
+        _standardise(self, flat.mean(0), std, inverse)
 
     def _forward_and_log_det(self, x, context):
         if not self._initialized:

@@ -26,7 +26,7 @@ from torch.linalg import solve_triangular
 from .._checks import broadcast_batch, check_positive_int
 from ..nn_image import ConvResNet
 from .base import FlowTransform
-from .elementwise import _clamp_open_unit, soft_clamp
+from .elementwise import _clamp_open_unit, _standardise, soft_clamp
 from .linear import _init_lu, _lu_factors, random_rotation
 
 __all__ = [
@@ -224,17 +224,8 @@ class ActNorm2d(_ImageTransform):
             return
         v = v.detach()
         dims = (*range(v.dim() - 3), -2, -1)
-        mean = v.mean(dims)
         std = v.std(dims, correction=0).clamp_min(self.min_std)
-        with torch.no_grad():
-            if inverse:  # x = (y - t) exp(-s) standardised
-                self.shift.copy_(mean)
-                self.log_scale.copy_(std.log())
-            else:  # y = exp(s) x + t standardised
-                self.log_scale.copy_(-std.log())
-                self.shift.copy_(-mean / std)
-            self.initialized.fill_(True)
-        self._initialized = True
+        _standardise(self, v.mean(dims), std, inverse)
 
     def _ladj(self, v: torch.Tensor) -> torch.Tensor:
         return (v.shape[-2] * v.shape[-1] * self.log_scale.sum()).expand(_batch(v))
