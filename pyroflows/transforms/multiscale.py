@@ -62,6 +62,15 @@ class _Chain(FlowTransform):
             )
         self.inner = nn.ModuleList(transforms)
 
+    def _map(self, v: torch.Tensor, context, inverse: bool):
+        raise NotImplementedError
+
+    def _forward_and_log_det(self, x, context):
+        return self._map(x, context, inverse=False)
+
+    def _inverse_and_log_det(self, y, context):
+        return self._map(y, context, inverse=True)
+
     def _run(self, v: torch.Tensor, context, inverse: bool):
         total = v.new_zeros(())
         layers = reversed(self.inner) if inverse else self.inner
@@ -110,12 +119,6 @@ class Squeezed(_Chain):
         v = self.squeeze.forward_and_log_det(v)[0]
         v, ladj = self._run(v, context, inverse)
         return self.squeeze.inverse_and_log_det(v)[0], ladj.expand(v.shape[:-3])
-
-    def _forward_and_log_det(self, x, context):
-        return self._map(x, context, inverse=False)
-
-    def _inverse_and_log_det(self, y, context):
-        return self._map(y, context, inverse=True)
 
 
 class FactorOut(_Chain):
@@ -170,12 +173,6 @@ class FactorOut(_Chain):
         a, ladj = self._run(a, context, inverse)
         b = b.expand(*a.shape[:-3], *b.shape[-3:])
         return torch.cat([a, b], dim=-3), ladj.expand(a.shape[:-3])
-
-    def _forward_and_log_det(self, x, context):
-        return self._map(x, context, inverse=False)
-
-    def _inverse_and_log_det(self, y, context):
-        return self._map(y, context, inverse=True)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, kept={self.kept}"
