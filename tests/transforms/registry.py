@@ -19,6 +19,7 @@ from pyroflows.transforms import (
     AdditiveCoupling,
     AffineCoupling,
     ElementwiseAffine,
+    FactorOut,
     FlowTransform,
     ImageAdditiveCoupling,
     ImageAffineCoupling,
@@ -36,6 +37,7 @@ from pyroflows.transforms import (
     SplineAutoregressive,
     SplineCoupling,
     Squeeze,
+    Squeezed,
 )
 
 
@@ -162,4 +164,17 @@ CASES: dict[str, Case] = {
     ),
     "ImageSigmoid": Case(lambda: ImageSigmoid(IMG), shape=IMG),
     "ImageSigmoid-alpha0": Case(lambda: ImageSigmoid(IMG, alpha=0.0), shape=IMG),
+    "Squeezed": Case(
+        lambda: Squeezed(
+            IMG, [ImageAffineCoupling((8, 2, 2), **CONV, mask="channel"), InvConv1x1(8)]
+        ),
+        shape=IMG,
+    ),
+    "FactorOut-context": Case(
+        lambda: FactorOut(
+            IMG3, 1, [ImageAffineCoupling((1, 2, 4), **CONV, context_dim=2)], context_dim=2
+        ),
+        shape=IMG3,
+        context_dim=2,
+    ),
 }
