@@ -515,6 +515,22 @@ class _Loop:
         return history
 
 
+def _schedule(
+    opt: torch.optim.Optimizer, scheduler: str | None, warmup: int, total: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule of :func:`fit`: linear warmup, then cosine decay to 0."""
+    if scheduler is None and not warmup:
+        return None
+
+    def factor(step: int) -> float:
+        rise = min(1.0, (step + 1) / warmup) if warmup else 1.0
+        if scheduler == "cosine":
+            return rise * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return rise
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
 def fit(
     flow: Flow,
     data: torch.Tensor | np.ndarray,
@@ -527,6 +543,7 @@ def fit(
     optimizer: str | Callable = "adam",
     weight_decay: float = 0.0,
     scheduler: str | None = "cosine",
+    warmup: int = 0,
     valid: float | torch.Tensor | np.ndarray | None = 0.1,
     valid_context: torch.Tensor | np.ndarray | None = None,
     eval_every: int | None = None,
@@ -558,6 +575,11 @@ def fit(
         optimizer: ``"adam"``, ``"adamw"`` or a callable ``params -> torch.optim.Optimizer``.
         weight_decay: weight decay of the Adam optimisers.
         scheduler: ``"cosine"`` (decay to 0 over the run) or ``None`` (constant rate).
+        warmup: steps over which the learning rate rises linearly from ``lr / warmup`` to
+            ``lr`` before the schedule takes over (multiplying it). Deep, wide flows such as
+            :class:`~pyroflows.flows.Glow` with 256-channel conditioners need a few hundred
+            steps of it: at the full rate from the start their zero-initialised couplings take
+            steps large enough to wreck the initialisation.
         valid: a fraction of ``data`` to hold out (taken at random), a validation tensor, or
             ``None``/``0`` for none.
         valid_context: the contexts of a validation tensor (conditional flows).
@@ -615,6 +637,8 @@ def fit(
         raise ValueError(f"lr: expected a positive number; got {lr!r}")
     if scheduler not in ("cosine", None):
         raise ValueError(f"scheduler: expected 'cosine' or None; got {scheduler!r}")
+    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
+        raise ValueError(f"warmup: expected a number of steps >= 0; got {warmup!r}")
     if resume and checkpoint is None:
         raise ValueError("resume: needs the checkpoint folder to resume from")
 
@@ -665,9 +689,7 @@ def fit(
 
     opt = _make_optimizer(optimizer, params, lr, weight_decay)
     train_step = TrainStep(flow, opt, clip_grad=clip_grad, compile=compile)
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, total) if scheduler == "cosine" else None
-    )
+    sched = _schedule(opt, scheduler, warmup, total)
     history = History()
     best_state: dict[str, torch.Tensor] | None = None
     since_best = 0

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -80,6 +82,7 @@ def test_conditional_fit_with_validation_tensors():
         ({"resume": True}, "needs the checkpoint folder"),
         ({"optimizer": "sgd"}, "optimizer: expected 'adam', 'adamw' or a callable"),
         ({"scheduler": "step"}, "scheduler: expected 'cosine' or None"),
+        ({"warmup": -1}, r"warmup: expected a number of steps >= 0"),
     ],
 )
 def test_bad_arguments_are_refused_before_training(kwargs, match):
@@ -89,6 +92,31 @@ def test_bad_arguments_are_refused_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
         pf.fit(flow, kwargs.pop("data"), **kwargs)
     assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", None])
+def test_warmup_rises_linearly_then_hands_over_to_the_schedule(scheduler):
+    seen = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append(float(self.param_groups[0]["lr"]))
+            return super().step(closure)
+
+    pf.fit(
+        small_flow(),
+        data(64),
+        steps=10,
+        batch_size=64,
+        valid=None,
+        warmup=4,
+        scheduler=scheduler,
+        optimizer=lambda params: Recording(params, lr=0.1),
+        progress=False,
+    )
+    cosine = [0.5 * (1 + math.cos(math.pi * s / 10)) if scheduler else 1.0 for s in range(10)]
+    expected = [0.1 * min(1.0, (s + 1) / 4) * c for s, c in enumerate(cosine)]
+    assert seen == pytest.approx(expected)
 
 
 def test_nan_and_inf_in_data_name_the_rows():
