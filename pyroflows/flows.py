@@ -171,7 +171,7 @@ class Flow(nn.Module):
         for t in transforms:
             if not isinstance(t, (Transform, ConditionalTransform)):
                 raise TypeError(f"transforms: expected Pyro/torch transforms; got {type(t)}")
-        #: the shape of one event: ``(dim,)`` for vectors, e.g. ``(C, H, W)`` for images
+        #: the shape of one event, ``(dim,)`` for vectors, e.g. ``(C, H, W)`` for images
         self.event_shape = shape
         #: the number of entries of one event
         self.dim = math.prod(shape)

@@ -423,7 +423,8 @@ class AutoFlowGuide(AutoContinuous):
 
         Args:
             num_samples: number of draws.
-            *args, **kwargs: the model's arguments (needed only before the first call).
+            *args: the model's positional arguments (needed only before the first call).
+            **kwargs: the model's keyword arguments (likewise).
 
         Returns:
             A dict from site name to a tensor of shape ``(num_samples, *site_shape)``.
@@ -460,7 +461,8 @@ class AutoFlowGuide(AutoContinuous):
         Args:
             quantiles: levels in ``(0, 1)``, shape ``(q,)``.
             num_samples: number of posterior draws.
-            *args, **kwargs: the model's arguments (needed only before the first call).
+            *args: the model's positional arguments (needed only before the first call).
+            **kwargs: the model's keyword arguments (likewise).
 
         Returns:
             A dict from site name to a tensor of shape ``(q, *site_shape)``.
@@ -487,7 +489,8 @@ class AutoFlowGuide(AutoContinuous):
 
         Args:
             latent: shape ``(latent_dim,)``.
-            *args, **kwargs: the model's arguments.
+            *args: the model's positional arguments.
+            **kwargs: the model's keyword arguments.
 
         Returns:
             A scalar tensor, differentiable with respect to ``latent``.
@@ -529,7 +532,8 @@ class AutoFlowGuide(AutoContinuous):
         touched: call this before training, while they are the identity, and train from there.
 
         Args:
-            *args, **kwargs: the model's arguments.
+            *args: the model's positional arguments.
+            **kwargs: the model's keyword arguments.
             method: ``"laplace"`` (location and covariance) or ``"map"`` (location only).
             steps: maximum number of optimiser iterations.
             optim: ``"lbfgs"`` (deterministic models) or ``"adam"`` (models whose log density is
