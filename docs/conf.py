@@ -12,9 +12,9 @@ every build and rendered with their committed outputs (myst-nb, never executed h
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
+import pkgutil
 import shutil
 import sys
 from pathlib import Path
@@ -164,19 +164,11 @@ _DOCUMENTED: dict[int, str] = {}  # id(object) -> the name it is documented unde
 
 
 def _import(name: str):
-    parts = name.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        try:
-            for attr in parts[i:]:
-                obj = getattr(obj, attr)
-        except AttributeError:
-            return None
-        return obj
-    return None
+    """The object a dotted name refers to, or None."""
+    try:
+        return pkgutil.resolve_name(name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 def _resolve_alias(app, env, node, contnode):

@@ -76,16 +76,7 @@ def documented() -> tuple[list[str], set[str]]:
 
 def resolve(name: str):
     """The object a documented name refers to (``pyroflows.transforms.ActNorm``)."""
-    parts = name.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(name)
+    return pkgutil.resolve_name(name)
 
 
 def test_documented_names_resolve_and_are_unique():
