@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
 
-def _this_python_kernel():
+def _this_python_kernel(sockets: str):
     """A kernel manager that always starts ipykernel in the Python running this script.
 
     A ``python3`` kernelspec installed elsewhere (``jupyter kernelspec list``) could point at
@@ -33,6 +34,12 @@ def _this_python_kernel():
     from jupyter_client.manager import KernelManager
 
     class ThisPython(KernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            if os.name == "posix":  # local sockets: the kernel's plain-TCP warning stays away
+                self.transport = "ipc"
+                self.ip = str(Path(sockets) / "kernel")
+
         @property
         def kernel_spec(self) -> KernelSpec:
             argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
@@ -56,11 +63,12 @@ def execute(path: Path, *, full: bool, timeout: int) -> float:
         nb,
         timeout=timeout,
         kernel_name="python3",
-        kernel_manager_class=_this_python_kernel(),
         resources={"metadata": {"path": str(path.parent)}},
     )
     start = time.perf_counter()
-    client.execute()
+    with tempfile.TemporaryDirectory(prefix="pyroflows-kernel-") as sockets:
+        client.kernel_manager_class = _this_python_kernel(sockets)
+        client.execute()
     seconds = time.perf_counter() - start
     if full:
         nbformat.write(nb, path)
