@@ -359,3 +359,46 @@ def test_the_fast_distribution_equals_pyros_generic_one(make):
     expanded = flow(context).expand((5, 4))
     assert expanded.batch_shape == (5, 4) and expanded.log_prob(x).shape == (5, 4)
     torch.testing.assert_close(expanded.log_prob(x)[2], d.log_prob(x))
+
+
+def test_temperature_scales_the_base_and_keeps_the_density_exact():
+    torch.manual_seed(0)
+    flow = pf.RealNVP(dim=2, layers=2, hidden=(8,), base="diag_normal").double()
+    with torch.no_grad():
+        flow.base.loc.copy_(torch.tensor([1.0, -2.0]))
+    x = torch.randn(5, 2, dtype=torch.float64)
+    # The tempered flow is the tempered base pushed through the same transforms.
+    cold = flow(temperature=0.5)
+    base = flow().base_dist
+    expected = dist.TransformedDistribution(
+        dist.Normal(base.base_dist.loc, 0.5 * base.base_dist.scale).to_event(1),
+        list(flow().transforms),
+    )
+    assert torch.allclose(cold.log_prob(x), expected.log_prob(x))
+    assert torch.allclose(flow(temperature=1.0).log_prob(x), flow().log_prob(x))
+    # The mean of the base stays: only its spread shrinks.
+    z = cold.base_dist.sample((20000,))
+    assert torch.allclose(z.mean(0), torch.tensor([1.0, -2.0], dtype=torch.float64), atol=0.02)
+
+
+def test_temperature_of_a_conditional_image_flow():
+    torch.manual_seed(0)
+    flow = pf.Glow((1, 4, 4), levels=2, steps=1, channels=4, context_dim=3)
+    c = torch.randn(6, 3)
+    d = flow(c, temperature=0.7)
+    x = d.sample()
+    assert x.shape == (6, 1, 4, 4) and d.batch_shape == (6,)
+    assert torch.isfinite(d.log_prob(x)).all()
+    spread = [flow(c, temperature=t).sample((200,)).std() for t in (0.3, 1.0)]
+    assert spread[0] < spread[1]
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("inf"), float("nan"), "hot", True])
+def test_bad_temperature_is_refused(bad):
+    with pytest.raises(ValueError, match="temperature: expected a positive"):
+        pf.MAF(2, layers=1, hidden=(4,))(temperature=bad)
+
+
+def test_temperature_needs_a_normal_base():
+    with pytest.raises(ValueError, match="needs a Normal base distribution; got Uniform"):
+        pf.bases.tempered(dist.Uniform(torch.zeros(2), 1.0).to_event(1), 0.5)
