@@ -145,6 +145,10 @@ def run(name: str, args) -> None:
         generator = torch.Generator().manual_seed(args.seed)
         bpd, se = bits_per_dim(flow, test, generator=generator, return_se=True)
         print(f"{label:<36}{params:>10,}{history.steps:>8}{minutes:>9.1f}{bpd:>14.3f} ± {se:.3f}")
+        # The flow keeps its best validation state: say which, since a validation mean that one
+        # outlying image throws off would keep an early state.
+        valid_bpd = [round(v / (math.prod(shape) * math.log(2)) + 8, 3) for v in history.valid_nll]
+        print(f"{'':<36}kept step {history.best_step}; validation bits/dim {valid_bpd}")
         with torch.no_grad():
             samples = flow().sample((36,))
         tag = label.split()[0].lower() + ("_large" if args.size == "large" else "")

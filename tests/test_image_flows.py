@@ -137,6 +137,8 @@ def test_glow_on_cuda():
     d = flow(torch.randn(4, 2, device="cuda"))
     x = d.sample()
     assert x.device.type == "cuda" and torch.isfinite(d.log_prob(x)).all()
+    cold = flow(torch.randn(4, 2, device="cuda"), temperature=0.7)
+    assert cold.sample().device.type == "cuda" and torch.isfinite(cold.log_prob(x)).all()
     history = pf.fit(
         flow.cpu().cuda(),
         torch.rand(64, 1, 8, 8),

@@ -338,13 +338,16 @@ def test_compiled_steps_on_cuda_replay_one_graph_and_equal_eager_steps():
 
 
 @pytest.mark.cuda
-def test_fit_with_compile_on_cuda_equals_eager_fit():
-    """One recorded CUDA graph per run trains exactly as the eager steps do."""
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_fit_with_compile_on_cuda_equals_eager_fit(warmup):
+    """One recorded CUDA graph per run trains exactly as the eager steps do (the schedule, with
+    or without warmup, writes the graph's learning-rate tensor in place)."""
     histories = []
     for compile in (False, True):
         torch.manual_seed(0)
         flow = small_flow()
         kw = {"steps": 40, "batch_size": 200, "device": "cuda", "progress": False, "seed": 0}
+        kw["warmup"] = warmup
         histories.append(pf.fit(flow, data(), compile=compile, **kw))
     eager, compiled = histories
     assert np.isfinite(compiled.train_loss).all(), compiled.train_loss
