@@ -14,6 +14,13 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_nonnegative_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an ``int`` >= 0 (not a bool); else raise a ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: expected a non-negative integer; got {value!r}")
+    return value
+
+
 def broadcast_batch(
     x: torch.Tensor, context: torch.Tensor, name: str, event_dim: int = 1
 ) -> torch.Size:

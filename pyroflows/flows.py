@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributions import Transform
 from torch.distributions.transforms import _InverseTransform
 
-from ._checks import check_positive_int
+from ._checks import check_nonnegative_int, check_positive_int
 from .bases import _event_shape, make_base, tempered
 from .transforms import (
     ActNorm,
@@ -166,8 +166,7 @@ class Flow(nn.Module):
     ) -> None:
         super().__init__()
         shape = _event_shape(dim)
-        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim: expected a non-negative integer; got {context_dim!r}")
+        check_nonnegative_int("context_dim", context_dim)
         for t in transforms:
             if not isinstance(t, (Transform, ConditionalTransform)):
                 raise TypeError(f"transforms: expected Pyro/torch transforms; got {type(t)}")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import broadcast_batch, check_positive_int
+from ._checks import broadcast_batch, check_nonnegative_int, check_positive_int
 
 __all__ = ["MADE", "MLP"]
 
@@ -215,8 +215,7 @@ class MADE(nn.Module):
         super().__init__()
         check_positive_int("dim", dim)
         check_positive_int("out_per_dim", out_per_dim)
-        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim: expected a non-negative integer; got {context_dim!r}")
+        check_nonnegative_int("context_dim", context_dim)
         hidden = _check_hidden(hidden)
         # Hidden degrees run over low..dim-1. Degree 0 (units that read the context only) is
         # what lets the first feature in the order depend on the context.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import broadcast_batch, check_positive_int
+from ._checks import broadcast_batch, check_nonnegative_int, check_positive_int
 
 __all__ = ["ConvResNet"]
 
@@ -85,10 +85,8 @@ class ConvResNet(nn.Module):
         check_positive_int("in_channels", in_channels)
         check_positive_int("out_channels", out_channels)
         check_positive_int("channels", channels)
-        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
-            raise ValueError(f"blocks: expected a non-negative integer; got {blocks!r}")
-        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim: expected a non-negative integer; got {context_dim!r}")
+        check_nonnegative_int("blocks", blocks)
+        check_nonnegative_int("context_dim", context_dim)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.context_dim = context_dim

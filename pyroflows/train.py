@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ._checks import check_positive_int
+from ._checks import check_nonnegative_int, check_positive_int
 from .flows import Flow
 
 __all__ = ["History", "TrainStep", "TrainingDiverged", "fit"]
@@ -637,8 +637,7 @@ def fit(
         raise ValueError(f"lr: expected a positive number; got {lr!r}")
     if scheduler not in ("cosine", None):
         raise ValueError(f"scheduler: expected 'cosine' or None; got {scheduler!r}")
-    if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 0:
-        raise ValueError(f"warmup: expected a number of steps >= 0; got {warmup!r}")
+    check_nonnegative_int("warmup", warmup)
     if resume and checkpoint is None:
         raise ValueError("resume: needs the checkpoint folder to resume from")
 

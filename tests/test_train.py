@@ -82,7 +82,7 @@ def test_conditional_fit_with_validation_tensors():
         ({"resume": True}, "needs the checkpoint folder"),
         ({"optimizer": "sgd"}, "optimizer: expected 'adam', 'adamw' or a callable"),
         ({"scheduler": "step"}, "scheduler: expected 'cosine' or None"),
-        ({"warmup": -1}, r"warmup: expected a number of steps >= 0"),
+        ({"warmup": -1}, "warmup: expected a non-negative integer; got -1"),
     ],
 )
 def test_bad_arguments_are_refused_before_training(kwargs, match):

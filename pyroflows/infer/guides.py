@@ -47,6 +47,7 @@ from torch import nn
 from torch.distributions import biject_to, transform_to
 from torch.distributions.transforms import AffineTransform, ComposeTransform, Transform
 
+from .._checks import check_nonnegative_int
 from ..flows import IAF, MAF, NSF, Flow, RealNVP
 from ..transforms import ActNorm
 
@@ -555,8 +556,7 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"optim: expected 'lbfgs' or 'adam'; got {optim!r}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps: expected a positive integer; got {steps!r}")
-        if isinstance(newton_steps, bool) or not isinstance(newton_steps, int) or newton_steps < 0:
-            raise ValueError(f"newton_steps: expected a non-negative integer; got {newton_steps!r}")
+        check_nonnegative_int("newton_steps", newton_steps)
         self._ensure_prototype(args, kwargs)
 
         def neg_log_density(z: torch.Tensor) -> torch.Tensor:

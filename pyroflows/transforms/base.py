@@ -14,6 +14,8 @@ from torch import nn
 from torch.distributions import constraints
 from torch.distributions.transforms import Transform, _InverseTransform
 
+from .._checks import check_nonnegative_int
+
 __all__ = ["ConditionedTransform", "FlowTransform", "check_context"]
 
 
@@ -153,8 +155,7 @@ class FlowTransform(_FusedCalls, TransformModule, ConditionalTransform):
         cache_size: int = 0,
     ) -> None:
         super().__init__(cache_size=cache_size)
-        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 0:
-            raise ValueError(f"context_dim: expected a non-negative integer; got {context_dim!r}")
+        check_nonnegative_int("context_dim", context_dim)
         if event_shape is not None:
             event_shape = tuple(int(s) for s in event_shape)
             if len(event_shape) != self.domain.event_dim:
