@@ -24,7 +24,8 @@ from torch.distributions import Transform
 from torch.distributions.transforms import _InverseTransform
 
 from ._checks import check_nonnegative_int, check_positive_int
-from .bases import _event_shape, make_base, tempered
+from .bases import _event_shape, make_base
+from .distribution import FlowDistribution
 from .transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -67,55 +68,6 @@ MIXINGS = ("reverse", "random", "lu", "qr", None)
 #: Flow subclasses by qualified name, so that :func:`pyroflows.load` can rebuild a saved flow
 #: from its JSON configuration without importing anything by name.
 REGISTRY: dict[str, type[Flow]] = {}
-
-
-class FlowDistribution(dist.TransformedDistribution):
-    """What calling a :class:`Flow` returns: a Pyro ``TransformedDistribution``.
-
-    It is one in every respect (``isinstance``, ``.base_dist``, ``.transforms``, ``expand``,
-    ``rsample``, use in ``pyro.sample``); when every layer is a pyroflows transform on the flow's
-    vectors (``simple=True``, decided by the flow), it is built without composing the
-    transforms to work out shapes (they keep the event shape ``(dim,)``) and ``log_prob`` takes
-    each layer's inverse and log-determinant in one call, through the layers' caches. That
-    removes Python overhead that is a sizeable share of a small batch's cost.
-    """
-
-    def __init__(
-        self,
-        base_distribution: dist.Distribution,
-        transforms: list[Transform],
-        validate_args: bool | None = None,
-        simple: bool = False,
-    ) -> None:
-        self._simple = simple
-        if not simple:
-            super().__init__(base_distribution, transforms, validate_args=validate_args)
-            return
-        self.transforms = transforms
-        self.base_dist = base_distribution
-        torch.distributions.Distribution.__init__(
-            self,
-            base_distribution.batch_shape,
-            base_distribution.event_shape,
-            validate_args=validate_args,
-        )
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(FlowDistribution, _instance)
-        new._simple = self._simple
-        return super().expand(batch_shape, _instance=new)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if not self._simple:
-            return super().log_prob(value)
-        if self._validate_args:
-            self._validate_sample(value)
-        log_prob: torch.Tensor | float = 0.0
-        y = value
-        for transform in reversed(self.transforms):
-            y, ladj = transform._inverse_pair(y)
-            log_prob = log_prob - ladj
-        return log_prob + self.base_dist.log_prob(y)
 
 
 def _qualified_name(cls: type) -> str:
@@ -242,13 +194,7 @@ class Flow(nn.Module):
             >>> flow(temperature=0.5).sample((4,)).shape
             torch.Size([4, 2])
         """
-        context = self._check_context(context)
-        parts = [
-            t.condition(context) if isinstance(t, ConditionalTransform) else t for t in self._chain
-        ]
-        base = tempered(self.base(context), temperature)
-        simple = self._simple and base.event_shape == self.event_shape
-        return FlowDistribution(base, parts, simple=simple)
+        return FlowDistribution.from_flow(self, self._check_context(context), temperature)
 
     def _check_context(self, context: torch.Tensor | None) -> torch.Tensor | None:
         name = type(self).__name__
