@@ -7,16 +7,18 @@ a Pyro distribution: ``flow()`` or, for a conditional flow, ``flow(context)``.
 
 __version__ = "0.1.0"
 
-from . import bases, datasets, diagnostics, flows, images, infer, nn, transforms
+from . import bases, datasets, diagnostics, engine, flows, images, infer, nn, transforms
 from .flows import IAF, MAF, NICE, NSF, Flow, Glow, LinearFlow, RealNVP
 from .io import load, save
-from .train import History, TrainingDiverged, TrainStep, fit
+from .engine import CheckpointError, History, TrainingDiverged, TrainStep
+from .train import fit
 
 __all__ = [
     "IAF",
     "MAF",
     "NICE",
     "NSF",
+    "CheckpointError",
     "Flow",
     "Glow",
     "History",
@@ -28,6 +30,7 @@ __all__ = [
     "bases",
     "datasets",
     "diagnostics",
+    "engine",
     "fit",
     "flows",
     "images",

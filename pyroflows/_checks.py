@@ -39,3 +39,39 @@ def broadcast_batch(
             f"{name}: expected a context whose batch shape broadcasts with the input's; "
             f"got input {tuple(x.shape)} and context {tuple(context.shape)}"
         ) from None
+
+
+def check_positive(name: str, value: Any) -> float:
+    """Return ``value`` if it is a positive finite number (not a bool); else a ``ValueError``."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not 0 < value < float("inf")
+    ):
+        raise ValueError(f"{name}: expected a positive number; got {value!r}")
+    return value
+
+
+def check_length(steps: Any, epochs: Any, batch_size: Any = None) -> None:
+    """A run's length: ``steps`` or ``epochs`` (not both), each a positive integer if given."""
+    if steps is not None and epochs is not None:
+        raise ValueError("steps, epochs: give one of them, not both")
+    for name, value in (("batch_size", batch_size), ("steps", steps), ("epochs", epochs)):
+        if value is not None:
+            check_positive_int(name, value)
+
+
+def check_run(
+    eval_every: Any, patience: Any, valid_rows: Any, checkpoint: Any, resume: bool
+) -> None:
+    """The arguments the training front-ends share: counts that are positive integers when
+    given, and a checkpoint folder to resume from."""
+    for name, value in (
+        ("eval_every", eval_every),
+        ("patience", patience),
+        ("valid_rows", valid_rows),
+    ):
+        if value is not None:
+            check_positive_int(name, value)
+    if resume and checkpoint is None:
+        raise ValueError("resume: needs the checkpoint folder to resume from")

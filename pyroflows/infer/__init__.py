@@ -3,7 +3,8 @@
 from .evidence import log_evidence
 from .guides import AmortizedFlow, AutoFlowGuide, WarmStart, init_to_unconstrained_zero
 from .objectives import IWAE, STL_ELBO, log_importance_weights
-from .svi import fit_svi, fit_target
+from .svi import fit_svi
+from .target import fit_target
 
 __all__ = [
     "IWAE",

@@ -9,7 +9,8 @@ import torch
 from pyro.distributions import constraints
 
 import pyroflows as pf
-from pyroflows.infer.svi import _load_store, fit_svi, fit_target
+from pyroflows.engine.losses import load_store as _load_store
+from pyroflows.infer import fit_svi, fit_target
 
 # z ~ N(0, 1), x_i | z ~ N(z, 1): z | x ~ N(sum(x) / (1 + N), 1 / (1 + N)).
 X = torch.tensor([0.3, 1.2, -0.4, 2.0, 0.9, 1.4, 0.2, 1.1])

@@ -1,0 +1,385 @@
+"""The training loop every front-end runs: :func:`train`.
+
+It takes a :class:`~pyroflows.engine.Step` (a loss and its optimiser) and a minibatch source and
+owns the rest: the learning-rate schedule's steps, the divergence guard, validation with early
+stopping and the best state, checkpoints and resuming, the progress bar, callbacks and Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, CheckpointError, rng_state, set_rng_state
+from .sources import Batch
+from .step import Step
+
+__all__ = ["DIVERGENCE", "History", "TrainingDiverged", "train"]
+
+#: A loss above ``best + DIVERGENCE * max(1, |best|)`` (``best``: the lowest loss so far) counts
+#: as divergence, like a NaN. Far beyond the noise of any minibatch or Monte Carlo loss, and
+#: reached within a few steps by a run whose parameters blow up.
+DIVERGENCE = 1e4
+
+
+@dataclass
+class History:
+    """What a training run did.
+
+    Attributes:
+        train_loss: the loss of every step (the minibatch NLL in nats per sample for
+            :func:`~pyroflows.fit`; see each front-end).
+        valid_steps: the steps at which the validation loss was measured.
+        valid_nll: the validation loss at those steps.
+        best_step: the step of the best validation loss (whose state the model holds at the
+            end), or ``None`` without validation.
+        best_valid_nll: that loss.
+        steps: the number of steps taken (including those before a resume).
+        seconds: wall-clock time of training (this call).
+        stopped_early: whether ``patience`` ran out.
+        interrupted: whether training ended with ``KeyboardInterrupt``.
+        first_step: the step this call started from: 0, or the checkpoint's step on resume.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    valid_steps: list[int] = field(default_factory=list)
+    valid_nll: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    best_valid_nll: float | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    stopped_early: bool = False
+    interrupted: bool = False
+    first_step: int = 0
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite, or rose far above its best; the parameters hold their
+    last state before that.
+
+    Attributes:
+        history: the :class:`History` up to the failure.
+        step: the step whose loss diverged.
+    """
+
+    def __init__(self, message: str, history: History, step: int) -> None:
+        super().__init__(message)
+        self.history = history
+        self.step = step
+
+
+class _Guard:
+    """Remembers the last parameters whose loss was verified good (two snapshots), and the lowest
+    loss so far (the reference of the divergence test).
+
+    Losses are checked at sync points (every step on the CPU; every few steps on a GPU, where
+    reading a loss waits for the device). ``candidate`` holds the parameters at the start of
+    the current window, ``good`` those at the start of the previous one; when a window's losses
+    are all good the candidate is known good.
+    """
+
+    def __init__(self, params: list[torch.Tensor], reference: float | None) -> None:
+        self.params = params
+        self.good = [p.detach().clone() for p in params]
+        self.candidate = [p.detach().clone() for p in params]
+        self.good_step = self.candidate_step = -1
+        self.reference = reference
+
+    def advance(self, step: int) -> None:
+        self.good, self.candidate = self.candidate, self.good
+        self.good_step = self.candidate_step
+        with torch.no_grad():
+            torch._foreach_copy_(self.candidate, [p.detach() for p in self.params])
+        self.candidate_step = step
+
+    def restore(self, bad_step: int) -> int:
+        source, step = (
+            (self.candidate, self.candidate_step)
+            if bad_step > self.candidate_step >= 0
+            else (self.good, self.good_step)
+        )
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in self.params], source)
+        return step
+
+
+def _cpu(state: Any) -> Any:
+    return None if state is None else {k: v.detach().cpu() for k, v in state.items()}
+
+
+class _Run:
+    """The state of one call of :func:`train` (see there)."""
+
+    def __init__(self, step: Step, source, total: int, settings: dict[str, Any]) -> None:
+        self.step, self.source, self.total = step, source, total
+        self.loss = step.loss
+        self.__dict__.update(settings)
+        self.history = History()
+        self.best: Any = None
+        self.since_best = 0
+        self.guard: _Guard | None = None
+
+    # -- checks, each against a window of losses ----------------------------------------------
+    def flush(self, pending: list, step: int, t0: float) -> None:
+        if not pending:
+            return
+        values = [
+            float(v)
+            for v in (torch.stack(pending).tolist() if torch.is_tensor(pending[0]) else pending)
+        ]
+        first = step - len(values)
+        pending.clear()
+        guard = self.guard
+        for i, v in enumerate(values):
+            reference = guard.reference
+            far = (
+                self.divergence is not None
+                and reference is not None
+                and v > reference + self.divergence * max(1.0, abs(reference))
+            )
+            if not math.isfinite(v) or far:
+                self.history.train_loss.extend(values[:i])
+                self.history.steps = first + i
+                self.history.seconds += time.perf_counter() - t0
+                restored = max(guard.restore(first + i), 0)
+                what = (
+                    f"is {v}"
+                    if not far
+                    else f"is {v:.4g}, far above the lowest so far ({reference:.4g}): training "
+                    "diverged"
+                )
+                raise TrainingDiverged(
+                    f"{self.name}: the loss at step {first + i} {what}; {self.loss.what} was "
+                    f"restored to its state at step {restored}, the last with a good loss. "
+                    f"{self.loss.advice}",
+                    self.history,
+                    first + i,
+                )
+            guard.reference = v if reference is None else min(reference, v)
+        self.history.train_loss.extend(values)
+
+    def evaluate(self, step: int) -> bool:
+        if self.valid is None:
+            return False
+        total = weight = 0.0
+        with torch.no_grad():
+            for batch in self.valid:
+                t, w = self.loss.validation(batch)
+                total += float(t)
+                weight += w
+        value = total / weight
+        history = self.history
+        history.valid_steps.append(step)
+        history.valid_nll.append(value)
+        if history.best_valid_nll is None or value < history.best_valid_nll:
+            history.best_valid_nll, history.best_step = value, step
+            self.best = self.loss.snapshot()
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        return self.patience is not None and self.since_best >= self.patience
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save(self) -> None:
+        if self.checkpoint is None:
+            return
+        schedule = self.schedule
+        self.checkpoint.save(
+            {
+                "model": self.loss.state_dict(),
+                "optimizer": self.step.optimizer.state_dict(),
+                "scheduler": None if schedule is None else schedule.state_dict(),
+                "source": self.source.state_dict(),
+                "rng": rng_state(),
+                "history": asdict(self.history),
+                "best": _cpu(self.best),
+                "since_best": self.since_best,
+                "reference": None if self.guard is None else self.guard.reference,
+            }
+        )
+        if self.on_save is not None:
+            self.on_save()
+
+    def load(self) -> dict[str, Any] | None:
+        checkpoint = self.checkpoint
+        if not (self.resume and checkpoint is not None and checkpoint.exists()):
+            return None
+        state = checkpoint.load()
+        done = state["history"]["steps"]
+        if done >= self.total:
+            raise CheckpointError(
+                f"resume: the checkpoint in {checkpoint.folder} has already run {done} of "
+                f"{self.total} steps"
+            )
+        return state
+
+    def apply(self, state: dict[str, Any]) -> float | None:
+        self.loss.load_state_dict(state["model"])
+        self.step.optimizer.load_state_dict(state["optimizer"])
+        if self.schedule is not None and state["scheduler"] is not None:
+            self.schedule.load_state_dict(state["scheduler"])
+        self.source.load_state_dict(state["source"])
+        set_rng_state(state["rng"])
+        self.history = History(**state["history"])
+        self.history.seconds = 0.0
+        self.history.first_step = self.history.steps
+        self.best, self.since_best = state["best"], state["since_best"]
+        return state["reference"]
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> History:
+        state = self.load()  # refuses an unusable checkpoint before anything changes
+        self.loss.setup(self.source, fresh=state is None)
+        reference = self.apply(state) if state is not None else None
+        history = self.history
+        start = history.steps
+        self.guard = _Guard(self.loss.parameters(), reference)
+        pending: list = []
+        bar = tqdm(
+            total=self.total, initial=start, disable=not self.progress, unit="step", desc=self.name
+        )
+        t0 = time.perf_counter()
+        step = window = start
+        try:
+            while step < self.total:
+                if step % self.sync_every == 0:
+                    self.flush(pending, step, t0)
+                    current = self.loss.parameters()
+                    if len(current) != len(self.guard.params):  # a parameter appeared
+                        self.guard = _Guard(current, self.guard.reference)
+                    self.guard.advance(step)
+                batch = self.source.batch(step)
+                pending.append(self.step(*self.loss.inputs(batch)))
+                if self.schedule is not None:
+                    self.schedule.step()
+                step += 1
+                bar.update(1)
+                if step % self.eval_every == 0 or step == self.total:
+                    self.flush(pending, step, t0)
+                    history.steps = step
+                    stop = self.evaluate(step)
+                    recent = history.train_loss[window:]
+                    window = len(history.train_loss)
+                    postfix = {self.loss.label: f"{sum(recent) / max(len(recent), 1):.4g}"}
+                    if history.valid_nll:
+                        postfix["valid"] = f"{history.valid_nll[-1]:.4g}"
+                    bar.set_postfix(postfix, refresh=False)
+                    self.save()
+                    if self.callback is not None and self.callback(step, history):
+                        break
+                    if stop:
+                        history.stopped_early = True
+                        break
+        except KeyboardInterrupt:
+            history.interrupted = True
+            self.flush(pending, step, t0)
+            history.steps = step
+        finally:
+            bar.close()
+        history.seconds += time.perf_counter() - t0
+        if self.best is not None:
+            self.loss.restore(self.best)
+        if history.interrupted or history.stopped_early:
+            self.save()
+        return history
+
+
+def train(
+    step: Step,
+    source: Any,
+    steps: int,
+    *,
+    name: str = "train",
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None,
+    valid: Iterable[Batch | None] | None = None,
+    eval_every: int | None = None,
+    patience: int | None = None,
+    callback: Callable[[int, History], bool | None] | None = None,
+    progress: bool = True,
+    checkpoint: Checkpoint | None = None,
+    resume: bool = False,
+    on_save: Callable[[], None] | None = None,
+    divergence: float | None = DIVERGENCE,
+    sync_every: int = 1,
+) -> History:
+    """Run ``steps`` optimiser steps of ``step`` on batches from ``source``; the one training loop.
+
+    Every step takes ``source.batch(s)`` (a :class:`~pyroflows.engine.Batch`, or ``None``
+    without data), turns it into the loss's inputs (``step.loss.inputs``), runs the
+    :class:`~pyroflows.engine.Step` and then the learning-rate ``schedule``. Every
+    ``eval_every`` steps (and at the end) it measures the validation loss over ``valid`` (the
+    sum of :meth:`~pyroflows.engine.Loss.validation`'s totals over the sum of its weights,
+    without gradients), keeps the best state (restored at the end) and stops after ``patience``
+    validations without improvement; writes the checkpoint; and calls
+    ``callback(step, history)``, which may return ``True`` to stop.
+
+    **Guards.** A loss that is NaN or infinite, or higher than ``best + divergence * max(1,
+    |best|)`` where ``best`` is the lowest loss so far (a run that diverges while staying
+    finite), stops training with :class:`TrainingDiverged`, the parameters restored to their
+    state before that step. Losses are read every ``sync_every`` steps (reading one waits for a
+    GPU). Ctrl-C ends training with the best state so far (``history.interrupted``).
+
+    **Checkpoints and resuming.** With a :class:`~pyroflows.engine.Checkpoint`, the run's whole
+    state is written at every validation and at the end; with ``resume`` and a checkpoint on
+    disk, the run continues where it stopped and ends as an uninterrupted run would (same
+    batches, same random draws). A checkpoint that cannot be continued (unreadable, another
+    format, another run, or already finished) raises
+    :class:`~pyroflows.engine.CheckpointError` before anything changes.
+
+    Args:
+        step: the loss, its optimiser, clipping and compilation.
+        source: :class:`~pyroflows.engine.Batches` or :class:`~pyroflows.engine.NoData`.
+        steps: the number of steps of the whole run (a resumed run counts those done).
+        name: the front-end, in messages and on the progress bar.
+        schedule: a learning-rate scheduler stepped after every step
+            (:func:`~pyroflows.engine.schedule`).
+        valid: the validation batches (e.g. :class:`~pyroflows.engine.Chunks`; ``[None]`` for a
+            loss that draws its own samples), or ``None``.
+        eval_every: steps between validations, checkpoints and callbacks (default: about 40
+            per run).
+        patience: stop after this many validations without improvement.
+        callback: called as ``callback(step, history)`` at those points.
+        progress: show a progress bar (loss, validation loss, steps/s).
+        checkpoint: where to write the run's state.
+        resume: continue from ``checkpoint`` when it holds a run.
+        on_save: called after each checkpoint write (e.g. to save the model beside it).
+        divergence: the factor of the divergence test (``None``: only NaN/inf count).
+        sync_every: steps between reads of the losses.
+
+    Returns:
+        The :class:`History`.
+
+    Example:
+        >>> import torch, pyroflows as pf
+        >>> from pyroflows import engine
+        >>> _ = torch.manual_seed(0)
+        >>> flow = pf.RealNVP(dim=2, layers=2, hidden=(16,))
+        >>> data = torch.randn(500, 2) * 0.5 + 2.0
+        >>> loss = engine.NegativeLogLikelihood(flow)
+        >>> opt = engine.make_optimizer("adam", loss.parameters(), lr=1e-2)
+        >>> source = engine.Batches((data,), 100, torch.Generator().manual_seed(0))
+        >>> history = engine.train(engine.Step(loss, opt), source, 200, progress=False)
+        >>> history.train_loss[-1] < history.train_loss[0] - 1.0
+        True
+    """
+    settings = {
+        "name": name,
+        "schedule": schedule,
+        "valid": valid,
+        "eval_every": eval_every or max(1, steps // 40),
+        "patience": patience,
+        "callback": callback,
+        "progress": progress,
+        "checkpoint": checkpoint,
+        "resume": resume,
+        "on_save": on_save,
+        "divergence": divergence,
+        "sync_every": sync_every,
+    }
+    return _Run(step, source, steps, settings).run()

@@ -1,0 +1,404 @@
+"""What the engine minimises: losses as objects.
+
+A loss knows the parameters it trains and how one minibatch scores; the engine
+(:func:`~pyroflows.engine.train`) knows everything else (steps, schedule, guards, validation,
+checkpoints). A new way to train is a new loss, not a new loop:
+
+* :class:`NegativeLogLikelihood`: maximum likelihood of data under a flow (forward KL);
+* :class:`ReverseKL`: a flow fitted to an unnormalised log-density by the reverse KL divergence;
+* :class:`SVILoss`: a Pyro ELBO on a model and a guide, whose parameters live in Pyro's param
+  store.
+
+The interface every loss keeps is written once, in :class:`Loss`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import torch
+from torch import nn
+from torch.distributions import constraints
+
+from .checkpoint import name_of
+from .sources import Batch, Batches, describe
+
+__all__ = ["Loss", "NegativeLogLikelihood", "ReverseKL", "SVILoss", "describe_module"]
+
+#: rows of the data that initialise data-dependent layers (ActNorm) before training
+INIT_BATCH = 4096
+
+
+def describe_module(module: nn.Module) -> dict[str, Any]:
+    """A flow's identity for checkpoints: its builder configuration when it has one, and the
+    names and shapes of its state (which any architecture change alters)."""
+    config = getattr(module, "config", None)
+    return {
+        "class": type(module).__qualname__,
+        "config": config,
+        "state": {k: list(v.shape) for k, v in module.state_dict().items()},
+    }
+
+
+class Loss:
+    """The interface of a loss, as the engine uses it.
+
+    **What a subclass implements**
+
+    * :meth:`parameters`: the live tensors trained (what the optimiser steps, gradients are
+      clipped over and the divergence guard snapshots);
+    * :meth:`inputs`: the arguments of one step made from the source's :class:`Batch` (or from
+      ``None`` when there is no data);
+    * :meth:`__call__`: the differentiable scalar loss of those inputs (the function a compiled
+      step compiles); :meth:`backward` computes it and its gradients (the default calls
+      ``.backward()`` on it; a loss computed by a library that accumulates gradients itself, as
+      Pyro's ELBOs do, overrides it);
+    * :meth:`validation`: ``(total, weight)`` of a validation chunk; the validation loss is the
+      sum of the totals over the sum of the weights;
+    * :meth:`state_dict`/:meth:`load_state_dict` (what a checkpoint holds, on the CPU) and
+      :meth:`snapshot`/:meth:`restore` (the best state, kept on the device);
+    * :meth:`setup`: work before the first step, e.g. data-dependent initialisation;
+    * :meth:`fingerprint`: plain data that must be the same to resume a checkpoint.
+
+    Class attributes name it in messages: ``label`` (the progress bar's), ``what`` (what is
+    restored when training diverges) and ``advice`` (what to try then).
+    """
+
+    label = "loss"
+    what = "the parameters"
+    advice = "Try a lower lr or gradient clipping (clip_grad)."
+
+    def parameters(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def inputs(self, batch: Batch | None) -> tuple:
+        raise NotImplementedError
+
+    def __call__(self, *inputs: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def backward(self, *inputs: Any) -> torch.Tensor:
+        """The loss of ``inputs`` (detached) after back-propagating it into the parameters."""
+        value = self(*inputs)
+        value.backward()
+        return value.detach()
+
+    def validation(self, batch: Batch | None) -> tuple[torch.Tensor | float, float]:
+        raise NotImplementedError
+
+    def setup(self, source: Batches | Any, fresh: bool) -> None:
+        """Called once before training (``fresh``: not resuming from a checkpoint)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def snapshot(self) -> Any:
+        raise NotImplementedError
+
+    def restore(self, snapshot: Any) -> None:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {}
+
+
+class _FlowLoss(Loss):
+    """A loss whose parameters are a flow's (its ``state_dict`` is the state)."""
+
+    what = "the flow"
+
+    def __init__(self, flow: nn.Module) -> None:
+        self.flow = flow
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for p in self.flow.parameters() if p.requires_grad]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.detach().cpu() for k, v in self.flow.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.flow.load_state_dict(state)
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.flow.state_dict().items()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        self.flow.load_state_dict(snapshot)
+
+
+class NegativeLogLikelihood(_FlowLoss):
+    """The mean negative log-likelihood of data under a flow: ``-mean(log q(x | c))``.
+
+    Minimising it fits the flow by maximum likelihood (the forward KL divergence from the data
+    distribution). A batch holds the data rows and, for a conditional flow, their contexts.
+
+    Args:
+        flow: a :class:`~pyroflows.Flow`.
+
+    Shapes:
+        ``x``: ``(batch, *flow.event_shape)``; ``context``: ``(batch, context_dim)``; the loss
+        is a 0-d tensor (nats per row).
+
+    Example:
+        >>> import torch, pyroflows as pf
+        >>> from pyroflows.engine import NegativeLogLikelihood
+        >>> flow = pf.RealNVP(dim=2, layers=1, hidden=(8,))
+        >>> nll = NegativeLogLikelihood(flow)
+        >>> round(float(nll(torch.zeros(4, 2))), 4)  # an untrained flow is N(0, I)
+        1.8379
+    """
+
+    label = "train"
+    advice = "Try a lower lr, gradient clipping (clip_grad) or standardised data."
+
+    def inputs(self, batch: Batch) -> tuple:
+        return batch.rows[0], (batch.rows[1] if len(batch.rows) > 1 else None)
+
+    def __call__(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        # No value-by-value validation of the batch (the data are checked once, up front; a
+        # non-finite batch gives a non-finite loss): the check waits for the device, which a
+        # CUDA graph cannot record.
+        d = self.flow(context)
+        d._validate_args = False
+        return -d.log_prob(x).mean()
+
+    def validation(self, batch: Batch) -> tuple[torch.Tensor, float]:
+        x, context = self.inputs(batch)
+        return -self.flow(context).log_prob(x).sum(), float(len(x))
+
+    def setup(self, source: Batches, fresh: bool) -> None:
+        # Data-dependent initialisation (ActNorm) from one large batch rather than the first
+        # minibatch; a resumed run has its initialised state in the checkpoint.
+        if fresh:
+            with torch.no_grad():
+                rows = source.first(INIT_BATCH)
+                self.flow(rows[1] if len(rows) > 1 else None).log_prob(rows[0])
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"flow": describe_module(self.flow)}
+
+
+class ReverseKL(_FlowLoss):
+    """The reverse KL divergence from a flow to an unnormalised density, up to ``log Z``.
+
+    ``E_q[log q(z) - log p(z)] = KL(q || p / Z) - log Z``, estimated with ``num_particles``
+    reparameterised draws ``z ~ q`` per step; its negative is the ELBO, a lower bound on
+    ``log Z``. Validation estimates it with ``eval_particles`` draws.
+
+    Args:
+        flow: an unconditional :class:`~pyroflows.Flow` over ``R^dim``.
+        log_p: maps ``(n, dim)`` points to ``(n,)`` unnormalised log-densities, differentiably.
+        num_particles: draws per step.
+        eval_particles: draws per validation.
+
+    Example:
+        >>> import torch, pyroflows as pf
+        >>> from pyroflows.engine import ReverseKL
+        >>> flow = pf.LinearFlow(dim=2, layers=1, elementwise=None)
+        >>> target = torch.distributions.Normal(0.0, 1.0)
+        >>> loss = ReverseKL(flow, lambda z: target.log_prob(z).sum(-1), num_particles=8)
+        >>> abs(float(loss())) < 1e-5  # the untrained flow is the target itself: KL = 0
+        True
+    """
+
+    advice = "Try a lower lr, more num_particles, or gradient clipping (clip_grad)."
+
+    def __init__(
+        self,
+        flow: nn.Module,
+        log_p: Callable[[torch.Tensor], torch.Tensor],
+        num_particles: int = 64,
+        eval_particles: int | None = None,
+    ) -> None:
+        super().__init__(flow)
+        self.log_p = log_p
+        self.num_particles = num_particles
+        self.eval_particles = eval_particles
+
+    def inputs(self, batch: None) -> tuple:
+        return ()
+
+    def _estimate(self, n: int) -> torch.Tensor:
+        d = self.flow()
+        z = d.rsample((n,))
+        log_target = self.log_p(z)
+        if not torch.is_tensor(log_target) or log_target.shape != (n,):
+            shape = tuple(log_target.shape) if torch.is_tensor(log_target) else type(log_target)
+            raise ValueError(
+                f"log_p: expected log-densities of shape ({n},) for z of shape {tuple(z.shape)}; "
+                f"got {shape}"
+            )
+        return (d.log_prob(z) - log_target).mean()
+
+    def __call__(self) -> torch.Tensor:
+        return self._estimate(self.num_particles)
+
+    def validation(self, batch: None) -> tuple[torch.Tensor, float]:
+        return self._estimate(self.eval_particles or self.num_particles), 1.0
+
+    def setup(self, source: Any, fresh: bool) -> None:
+        with torch.no_grad():  # check log_p before anything is trained
+            self._estimate(2)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "flow": describe_module(self.flow),
+            "log_p": name_of(self.log_p),
+            "num_particles": self.num_particles,
+            "eval_particles": self.eval_particles,
+        }
+
+
+def _constraint_registry() -> dict[str, constraints.Constraint]:
+    """Constraint objects by ``repr``, for parameters a checkpoint holds but the store lacks."""
+    found: dict[str, list] = {}
+    for module in (constraints, pyro.distributions.constraints):
+        for value in vars(module).values():
+            if isinstance(value, constraints.Constraint):
+                found.setdefault(repr(value), [])
+                if all(value is not v for v in found[repr(value)]):
+                    found[repr(value)].append(value)
+    return {key: values[0] for key, values in found.items() if len(values) == 1}
+
+
+def load_store(store, params: dict, names: dict, where: str) -> None:
+    """Copy saved unconstrained values into the live param store (see :class:`SVILoss`)."""
+    live = dict(store.named_parameters())
+    registry = None
+    for name, value in params.items():
+        if name in live:
+            declared = repr(store._constraints[name])
+            if declared != names[name]:
+                raise ValueError(
+                    f"resume: parameter {name!r} has constraint {names[name]} in the {where}; "
+                    f"the model or guide now declares {declared}"
+                )
+            if live[name].shape != value.shape:
+                raise ValueError(
+                    f"resume: parameter {name!r} has shape {tuple(value.shape)} in the {where}; "
+                    f"the model or guide now creates shape {tuple(live[name].shape)}"
+                )
+            with torch.no_grad():
+                live[name].copy_(value)
+            continue
+        registry = registry if registry is not None else _constraint_registry()
+        if names[name] not in registry:
+            raise ValueError(
+                f"resume: parameter {name!r} (constraint {names[name]}) is in the {where} but "
+                "the model and guide did not create it, and its constraint cannot be rebuilt"
+            )
+        constraint = registry[names[name]]
+        unconstrained = value.clone().requires_grad_(True)
+        store.set_state({"params": {name: unconstrained}, "constraints": {name: constraint}})
+
+
+class SVILoss(Loss):
+    """A Pyro ELBO of a model and a guide; the parameters are those of Pyro's param store.
+
+    Without data, every step calls ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)``;
+    with data (a :class:`~pyroflows.engine.Batches` source), ``model(*batch, *args, size=N,
+    subsample=idx, **kwargs)`` (and the guide alike), and the recorded loss is per data point
+    (the estimate divided by ``N``). Gradients come from the ELBO's own ``loss_and_grads``, as in
+    ``pyro.infer.SVI.step``.
+
+    **State.** The param store's own ``get_state()`` holds constraint objects, which
+    ``torch.load(weights_only=True)`` refuses. The state therefore holds each parameter's
+    *unconstrained* tensor with the ``repr`` of its constraint. Loading it copies the values
+    *in place* into the live tensors (run the model and guide first, as :meth:`setup` does, so
+    that the store holds every parameter with the constraint the code declares), which keeps
+    ``pyro.module`` parameters shared with their modules; a parameter that the run does not
+    create is rebuilt from a registry of the constraint singletons of
+    ``torch.distributions.constraints`` and ``pyro.distributions.constraints`` (keyed by
+    ``repr``); a constraint that differs from the saved one is an error. Module buffers (e.g.
+    batch-norm statistics) are not in the param store and are not saved.
+
+    Args:
+        model: a Pyro model.
+        guide: a Pyro guide.
+        elbo: a Pyro ELBO (``loss``, ``loss_and_grads``).
+        args: positional arguments of the model and guide (after the batch, with data).
+        kwargs: keyword arguments of the model and guide.
+    """
+
+    what = "the param store"
+    advice = "Try a lower lr, optimizer='clipped_adam', or a guide initialised with a small scale."
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Callable,
+        elbo: pyro.infer.ELBO,
+        args: tuple = (),
+        kwargs: dict | None = None,
+    ) -> None:
+        self.model, self.guide, self.elbo = model, guide, elbo
+        self.args, self.kwargs = tuple(args), dict(kwargs or {})
+        self.store = pyro.get_param_store()
+        self.label = type(elbo).__name__
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for _, p in self.store.named_parameters()]
+
+    def inputs(self, batch: Batch | None) -> tuple:
+        return (batch,)
+
+    def _call_args(self, batch: Batch | None) -> tuple[tuple, dict]:
+        if batch is None:
+            return self.args, self.kwargs
+        keywords = {"size": batch.size, "subsample": batch.index}
+        return (*batch.rows, *self.args), {**self.kwargs, **keywords}
+
+    def backward(self, batch: Batch | None) -> torch.Tensor:
+        args, kwargs = self._call_args(batch)
+        value = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
+        return torch.tensor(float(value) / (1 if batch is None else batch.size))
+
+    def validation(self, batch: Batch) -> tuple[float, float]:
+        # Each chunk's loss estimates the whole validation set's: average them by chunk size.
+        args, kwargs = self._call_args(batch)
+        value = self.elbo.loss(self.model, self.guide, *args, **kwargs)
+        return float(value) * len(batch.index) / batch.size, float(len(batch.index))
+
+    def setup(self, source: Batches | Any, fresh: bool) -> None:
+        # Run the model and guide once without gradients so that the store holds every
+        # parameter (with its declared constraint) before the first step: the guard, and a
+        # resume, need them.
+        batch = source.batch(0) if isinstance(source, Batches) else None
+        args, kwargs = self._call_args(batch)
+        with torch.no_grad():
+            self.elbo.loss(self.model, self.guide, *args, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        named = list(self.store.named_parameters())
+        return {
+            "params": {k: p.detach().cpu() for k, p in named},
+            "constraints": {k: repr(self.store._constraints[k]) for k, _ in named},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_store(self.store, state["params"], state["constraints"], "checkpoint")
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in self.store.named_parameters()}
+
+    def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
+        live = dict(self.store.named_parameters())
+        with torch.no_grad():
+            for name, value in snapshot.items():
+                if name in live:
+                    live[name].copy_(value)
+
+    def fingerprint(self) -> dict[str, Any]:
+        tensors = [a for a in (*self.args, *self.kwargs.values()) if torch.is_tensor(a)]
+        return {
+            "model": name_of(self.model),
+            "guide": name_of(self.guide),
+            "loss": self.label,
+            "num_particles": getattr(self.elbo, "num_particles", None),
+            "arguments": describe([t.reshape(1, -1) for t in tensors]) if tensors else None,
+        }
