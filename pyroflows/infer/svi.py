@@ -204,18 +204,7 @@ def fit_svi(
     check_length(steps, epochs, batch_size)
     check_positive("lr", lr)
     check_run(eval_every, patience, valid_rows, checkpoint, resume)
-    if data is None:
-        for name, given in (("epochs", epochs), ("valid", valid), ("patience", patience)):
-            if given is not None:
-                raise ValueError(NEEDS_DATA[name])
-    else:
-        for what, fn in (("model", model), ("guide", guide)):
-            if not _accepts(fn, BATCH_KEYWORDS):
-                raise ValueError(
-                    f"{what}: with data, fit_svi calls {what}(*batch, *args, size=N, "
-                    f"subsample=idx, **kwargs); add the keywords (size=None, subsample=None) "
-                    "and pass them to the data plate: pyro.plate('data', size, subsample=subsample)"
-                )
+    _check_calling_convention(model, guide, data, epochs=epochs, valid=valid, patience=patience)
     pyro_optim = make_pyro_optimizer(optimizer, lr)
     device = torch.device(device) if device is not None else None
 
@@ -267,6 +256,22 @@ NEEDS_DATA = {
     "valid": "valid: needs data (validation holds out rows of a data set)",
     "patience": "patience: early stopping needs validation data (data and valid)",
 }
+
+
+def _check_calling_convention(model: Callable, guide: Callable, data: Any, **given: Any) -> None:
+    """Without data, no data-only options; with data, a model and guide that take the batch."""
+    if data is None:
+        for name, value in given.items():
+            if value is not None:
+                raise ValueError(NEEDS_DATA[name])
+        return
+    for what, fn in (("model", model), ("guide", guide)):
+        if not _accepts(fn, BATCH_KEYWORDS):
+            raise ValueError(
+                f"{what}: with data, fit_svi calls {what}(*batch, *args, size=N, "
+                f"subsample=idx, **kwargs); add the keywords (size=None, subsample=None) "
+                "and pass them to the data plate: pyro.plate('data', size, subsample=subsample)"
+            )
 
 
 def __getattr__(name: str) -> Any:
