@@ -114,7 +114,7 @@ def our_step(model: Ours, kind: str, x: torch.Tensor, compile: bool) -> Callable
         train = pf.TrainStep(model.flow, lr=LR, compile=compile)
         return lambda: train(x.clone())
     batch = len(x)
-    opt = pf.train._make_optimizer("adam", list(model.flow.parameters()), LR, 0.0)
+    opt = pf.engine.make_optimizer("adam", list(model.flow.parameters()), LR, 0.0)
 
     def loss() -> torch.Tensor:
         return model.rsample_and_log_prob(batch)[1].mean()
