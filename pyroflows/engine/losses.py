@@ -114,9 +114,11 @@ class _FlowLoss(Loss):
 
     def __init__(self, flow: nn.Module) -> None:
         self.flow = flow
+        # Listed once: the step clips over them and the guard checks them every step.
+        self._params = [p for p in flow.parameters() if p.requires_grad]
 
     def parameters(self) -> list[torch.Tensor]:
-        return [p for p in self.flow.parameters() if p.requires_grad]
+        return self._params
 
     def state_dict(self) -> dict[str, Any]:
         return {k: v.detach().cpu() for k, v in self.flow.state_dict().items()}
