@@ -10,11 +10,13 @@ nothing stale survives an optimiser step. Call the flow again after each step.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
-from collections.abc import Sequence
-from typing import Any
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import pyro.distributions as dist
 import torch
@@ -52,6 +54,7 @@ from .transforms.multiscale import FactorOut, Squeezed
 from .transforms.splines import SplineAutoregressive, SplineCoupling
 
 __all__ = [
+    "BUILDERS",
     "IAF",
     "MAF",
     "NICE",
@@ -59,19 +62,16 @@ __all__ = [
     "Flow",
     "FlowDistribution",
     "Glow",
+    "ImageRealNVP",
     "LinearFlow",
     "RealNVP",
+    "builder_name",
+    "register_builder",
+    "unregister_builder",
+    "vector_builders",
 ]
 
 MIXINGS = ("reverse", "random", "lu", "qr", None)
-
-#: Flow subclasses by qualified name, so that :func:`pyroflows.load` can rebuild a saved flow
-#: from its JSON configuration without importing anything by name.
-REGISTRY: dict[str, type[Flow]] = {}
-
-
-def _qualified_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class Flow(nn.Module):
@@ -97,6 +97,9 @@ class Flow(nn.Module):
             network reads from the context) or a module mapping a context (or ``None``) to a
             distribution with event shape ``(dim,)``.
         base_hidden: hidden widths of the ``"conditional_normal"`` network.
+        config: the keyword arguments of the subclass's constructor that rebuild this flow
+            (builders pass theirs; see :attr:`config`). ``None`` for a flow assembled by hand,
+            which :func:`pyroflows.save` refuses.
 
     Example:
         >>> import torch
@@ -108,6 +111,11 @@ class Flow(nn.Module):
         (torch.Size([5, 2]), torch.Size([3]))
     """
 
+    #: ``True`` for builders whose first argument is an image shape ``(C, H, W)`` rather than
+    #: ``dim`` (:class:`Glow`, :class:`ImageRealNVP`): the command line and
+    #: ``AutoFlowGuide(flow=NAME)`` offer the others (:func:`vector_builders`).
+    image_builder: ClassVar[bool] = False
+
     def __init__(
         self,
         transforms: Sequence[Transform],
@@ -115,6 +123,8 @@ class Flow(nn.Module):
         context_dim: int = 0,
         base: str | nn.Module = "normal",
         base_hidden: Sequence[int] = (64,),
+        *,
+        config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         shape = _event_shape(dim)
@@ -139,35 +149,40 @@ class Flow(nn.Module):
             and tuple(t.forward_shape(shape)) == shape
             for t in self._chain
         )
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        """Record each builder's constructor arguments (its configuration) and register it."""
-        super().__init_subclass__(**kwargs)
-        REGISTRY[_qualified_name(cls)] = cls
-        init = cls.__dict__.get("__init__")
-        if init is None:
-            return
-        signature = inspect.signature(init)
-
-        @functools.wraps(init)
-        def recording_init(self, *args, **kw):
-            init(self, *args, **kw)
-            if type(self) is cls:  # the most derived constructor records
-                bound = signature.bind(self, *args, **kw)
-                bound.apply_defaults()
-                arguments = dict(bound.arguments)
-                arguments.pop(next(iter(signature.parameters)))
-                self._config_kwargs = arguments
-
-        cls.__init__ = recording_init
+        self._config_kwargs = None if config is None else dict(config)
 
     @property
     def config(self) -> dict[str, Any] | None:
-        """The builder and the arguments it was called with (``None`` for a hand-built Flow)."""
+        """The builder's name in :data:`BUILDERS` and the arguments that rebuild this flow.
+
+        ``{"builder": NAME, "kwargs": {...}}``, where ``BUILDERS[NAME](**kwargs)`` builds the same
+        architecture (:func:`pyroflows.save` writes it as JSON). ``NAME`` is ``None`` when the
+        flow's class is not registered (see :func:`register_builder`); the whole config is
+        ``None`` for a flow assembled by hand from transforms.
+
+        Example:
+            >>> import pyroflows as pf
+            >>> config = pf.MAF(2, layers=2, hidden=(8,)).config
+            >>> config["builder"], config["kwargs"]["layers"]
+            ('maf', 2)
+        """
         kwargs = getattr(self, "_config_kwargs", None)
         if kwargs is None:
             return None
-        return {"builder": _qualified_name(type(self)), "kwargs": dict(kwargs)}
+        return {"builder": builder_name(type(self)), "kwargs": dict(kwargs)}
+
+    def set_config(self, **kwargs: Any) -> None:
+        """Record the constructor arguments that rebuild this flow (its :attr:`config`).
+
+        Builders record theirs by passing ``config=`` to :class:`Flow`. A subclass of a builder
+        whose constructor takes other arguments calls this at the end of its ``__init__`` with
+        its own arguments, so that :func:`pyroflows.save` writes what ``type(self)(**kwargs)``
+        needs (see :func:`register_builder` for an example).
+
+        Args:
+            **kwargs: keyword arguments of ``type(self)``'s constructor.
+        """
+        self._config_kwargs = dict(kwargs)
 
     def forward(
         self, context: torch.Tensor | None = None, *, temperature: float = 1.0
@@ -294,7 +309,11 @@ class NICE(Flow):
             AdditiveCoupling(dim, hidden, coupling_mask(dim, mask, flip=i % 2), context_dim)
             for i in range(_check_layers(layers))
         ]
-        super().__init__([ElementwiseAffine(dim), *couplings], dim, context_dim, base)
+        config = {"dim": dim, "layers": layers, "hidden": hidden, "context_dim": context_dim}
+        config.update(mask=mask, base=base)
+        super().__init__(
+            [ElementwiseAffine(dim), *couplings], dim, context_dim, base, config=config
+        )
 
 
 class RealNVP(Flow):
@@ -309,34 +328,18 @@ class RealNVP(Flow):
     0.02 nats on the checkerboard; turn it on for data far from unit scale. Sampling and
     density are both one conditioner pass per layer.
 
-    **Images.** ``RealNVP(shape=(C, H, W))`` builds the paper's multi-scale architecture over
-    images instead, one distribution over the full ``(C, H, W)`` tensor. At each of ``scales``
-    scales but the last (base side last): three :class:`~pyroflows.transforms.ImageAffineCoupling`
-    layers with alternating checkerboard masks, a squeeze, three with alternating channel masks,
-    and the factor-out of half of the channels (:class:`~pyroflows.transforms.FactorOut`: they go
-    to the base); the last scale has four checkerboard couplings. The conditioners are
-    :class:`~pyroflows.nn_image.ConvResNet`\ s with ``channels`` hidden channels and ``blocks``
-    residual blocks. With ``logit`` (default 0.05) the data side ends in
-    :class:`~pyroflows.transforms.ImageSigmoid`: the flow models images in ``[0, 1]`` (e.g.
-    dequantised 8-bit images, :func:`pyroflows.images.dequantize`) through the paper's logit
-    pre-processing, its Jacobian included in ``log_prob``.
+    For images, the paper's multi-scale architecture is :class:`ImageRealNVP`.
+    ``RealNVP(shape=(C, H, W), ...)`` still builds one, with a ``DeprecationWarning``.
 
     Args:
-        dim: number of features (at least 2); ``None`` with ``shape``.
-        layers: number of coupling layers (vectors).
-        hidden: hidden widths of each coupling conditioner (vectors).
-        context_dim: size of the context (0: unconditional); for images the context reaches
-            every coupling's conditioner as constant extra channels (e.g. a one-hot class).
-        mask: ``"half"`` or ``"alternate"``, flipped from layer to layer (vectors).
-        actnorm: add an ActNorm after each coupling layer (vectors).
+        dim: number of features (at least 2).
+        layers: number of coupling layers.
+        hidden: hidden widths of each coupling conditioner.
+        context_dim: size of the context (0: unconditional).
+        mask: ``"half"`` or ``"alternate"``, flipped from layer to layer.
+        actnorm: add an ActNorm after each coupling layer.
         log_scale_bound: soft bound on each layer's log-scale.
         base: see :class:`Flow`.
-        shape: ``(C, H, W)``: build the multi-scale image flow (``H`` and ``W`` divisible by
-            ``2 ** (scales - 1)``).
-        scales: number of scales (images).
-        channels: hidden channels of the convolutional conditioners (images).
-        blocks: residual blocks per conditioner (images).
-        logit: ``alpha`` of the logit pre-processing, or ``None`` for real-valued images.
 
     References:
         Density estimation using Real NVP (Dinh, Sohl-Dickstein and Bengio, 2017).
@@ -347,15 +350,27 @@ class RealNVP(Flow):
         >>> flow = pf.RealNVP(dim=3, layers=2, hidden=(16,), context_dim=2)
         >>> flow(torch.randn(7, 2)).batch_shape
         torch.Size([7])
-        >>> images = pf.RealNVP(shape=(1, 8, 8), channels=8, blocks=1)
-        >>> d = images()
-        >>> d.event_shape, d.log_prob(torch.rand(5, 1, 8, 8)).shape
-        (torch.Size([1, 8, 8]), torch.Size([5]))
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # RealNVP(shape=...) was the image flow before it became a class of its own. The object
+        # returned is not a RealNVP, so RealNVP.__init__ does not run on it.
+        if cls is RealNVP and kwargs.get("shape") is not None:
+            if args or kwargs.get("dim") is not None:
+                raise ValueError("RealNVP: give dim (vectors) or shape (images), not both")
+            warnings.warn(
+                "RealNVP(shape=...) is deprecated: use pyroflows.flows.ImageRealNVP(shape, ...), "
+                "the same multi-scale image flow",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            kwargs.pop("dim", None)
+            return ImageRealNVP(**kwargs)
+        return super().__new__(cls)
 
     def __init__(
         self,
-        dim: int | None = None,
+        dim: int,
         layers: int = 5,
         hidden: Sequence[int] = (64, 64),
         context_dim: int = 0,
@@ -363,24 +378,7 @@ class RealNVP(Flow):
         actnorm: bool = False,
         log_scale_bound: float = 3.0,
         base: str | nn.Module = "normal",
-        *,
-        shape: Sequence[int] | None = None,
-        scales: int = 2,
-        channels: int = 64,
-        blocks: int = 2,
-        logit: float | None = 0.05,
     ) -> None:
-        if shape is not None:
-            if dim is not None:
-                raise ValueError("RealNVP: give dim (vectors) or shape (images), not both")
-            shape = _check_image_shape(shape, scales, "scales")
-            parts = _realnvp_scale(shape, 0, scales, channels, blocks, context_dim, log_scale_bound)
-            if logit is not None:
-                parts.append(ImageSigmoid(shape, alpha=logit))
-            super().__init__(parts, shape, context_dim, base)
-            return
-        if dim is None:
-            raise ValueError("RealNVP: expected dim (vectors) or shape=(C, H, W) (images)")
         couplings = [
             AffineCoupling(
                 dim,
@@ -391,7 +389,16 @@ class RealNVP(Flow):
             )
             for i in range(_check_layers(layers))
         ]
-        super().__init__(_stack(couplings, dim, None, actnorm), dim, context_dim, base)
+        config = {"dim": dim, "layers": layers, "hidden": hidden, "context_dim": context_dim}
+        config.update(mask=mask, actnorm=actnorm, log_scale_bound=log_scale_bound, base=base)
+        super().__init__(
+            _stack(couplings, dim, None, actnorm), dim, context_dim, base, config=config
+        )
+
+
+# RealNVP.__new__ only redirects the deprecated RealNVP(shape=...): the constructor's signature,
+# for inspect.signature, help() and the docs, is __init__'s.
+RealNVP.__new__.__signature__ = inspect.signature(RealNVP.__init__)
 
 
 class MAF(Flow):
@@ -450,7 +457,11 @@ class MAF(Flow):
             )
             for _ in range(_check_layers(layers))
         ]
-        super().__init__(_stack(blocks, dim, mixing, actnorm), dim, context_dim, base)
+        config = {"dim": dim, "layers": layers, "hidden": hidden, "context_dim": context_dim}
+        config.update(mixing=mixing, actnorm=actnorm, log_scale_bound=log_scale_bound, base=base)
+        super().__init__(
+            _stack(blocks, dim, mixing, actnorm), dim, context_dim, base, config=config
+        )
 
 
 class IAF(MAF):
@@ -487,19 +498,6 @@ class IAF(MAF):
     """
 
     orientation = "iaf"
-
-    def __init__(
-        self,
-        dim: int,
-        layers: int = 5,
-        hidden: Sequence[int] = (64, 64),
-        context_dim: int = 0,
-        mixing: str | None = "reverse",
-        actnorm: bool = False,
-        log_scale_bound: float = 3.0,
-        base: str | nn.Module = "normal",
-    ) -> None:
-        super().__init__(dim, layers, hidden, context_dim, mixing, actnorm, log_scale_bound, base)
 
 
 class NSF(Flow):
@@ -571,7 +569,12 @@ class NSF(Flow):
                 )
                 for i in range(layers)
             ]
-        super().__init__(_stack(blocks, dim, mixing, actnorm), dim, context_dim, base)
+        config = {"dim": dim, "layers": layers, "hidden": hidden, "context_dim": context_dim}
+        config.update(bins=bins, bound=bound, autoregressive=autoregressive, mixing=mixing)
+        config.update(actnorm=actnorm, base=base)
+        super().__init__(
+            _stack(blocks, dim, mixing, actnorm), dim, context_dim, base, config=config
+        )
 
 
 def _check_image_shape(shape: Sequence[int], levels: int, name: str) -> tuple[int, int, int]:
@@ -607,6 +610,66 @@ def _realnvp_scale(shape, i, scales, channels, blocks, context_dim, bound) -> li
         Squeezed(shape, inner, context_dim),
         *(coupling(shape, "checkerboard", k % 2) for k in range(3)),
     ]
+
+
+class ImageRealNVP(Flow):
+    r"""RealNVP's multi-scale architecture over images: one distribution over ``(C, H, W)``.
+
+    At each of ``scales`` scales but the last (base side last): three
+    :class:`~pyroflows.transforms.ImageAffineCoupling` layers with alternating checkerboard
+    masks, a squeeze, three with alternating channel masks, and the factor-out of half of the
+    channels (:class:`~pyroflows.transforms.FactorOut`: they go to the base); the last scale has
+    four checkerboard couplings. The conditioners are :class:`~pyroflows.nn_image.ConvResNet`\ s
+    with ``channels`` hidden channels and ``blocks`` residual blocks. With ``logit`` (default
+    0.05) the data side ends in :class:`~pyroflows.transforms.ImageSigmoid`: the flow models
+    images in ``[0, 1]`` (e.g. dequantised 8-bit images, :func:`pyroflows.images.dequantize`)
+    through the paper's logit pre-processing, its Jacobian included in ``log_prob``. Sampling
+    and density are both one conditioner pass per coupling.
+
+    Args:
+        shape: ``(C, H, W)``, with ``H`` and ``W`` divisible by ``2 ** (scales - 1)``.
+        scales: number of scales.
+        channels: hidden channels of the convolutional conditioners.
+        blocks: residual blocks per conditioner.
+        context_dim: size of the context (0: unconditional); it reaches every coupling's
+            conditioner as constant extra channels (e.g. a one-hot class).
+        log_scale_bound: soft bound on each coupling's log-scale.
+        logit: ``alpha`` of the logit pre-processing, or ``None`` for real-valued images.
+        base: see :class:`Flow`.
+
+    References:
+        Density estimation using Real NVP (Dinh, Sohl-Dickstein and Bengio, 2017).
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> flow = pf.flows.ImageRealNVP((1, 8, 8), channels=8, blocks=1)
+        >>> d = flow()
+        >>> d.event_shape, d.log_prob(torch.rand(5, 1, 8, 8)).shape
+        (torch.Size([1, 8, 8]), torch.Size([5]))
+    """
+
+    image_builder = True
+
+    def __init__(
+        self,
+        shape: Sequence[int],
+        scales: int = 2,
+        channels: int = 64,
+        blocks: int = 2,
+        context_dim: int = 0,
+        log_scale_bound: float = 3.0,
+        logit: float | None = 0.05,
+        base: str | nn.Module = "normal",
+    ) -> None:
+        shape = _check_image_shape(shape, scales, "scales")
+        parts = _realnvp_scale(shape, 0, scales, channels, blocks, context_dim, log_scale_bound)
+        if logit is not None:
+            parts.append(ImageSigmoid(shape, alpha=logit))
+        config = {"shape": shape, "scales": scales, "channels": channels, "blocks": blocks}
+        config.update(context_dim=context_dim, log_scale_bound=log_scale_bound, logit=logit)
+        config.update(base=base)
+        super().__init__(parts, shape, context_dim, base, config=config)
 
 
 class Glow(Flow):
@@ -648,6 +711,8 @@ class Glow(Flow):
         >>> d.sample().shape, d.log_prob(torch.rand(3, 1, 8, 8)).shape
         (torch.Size([3, 1, 8, 8]), torch.Size([3]))
     """
+
+    image_builder = True
 
     def __init__(
         self,
@@ -691,7 +756,10 @@ class Glow(Flow):
         parts = level(shape, 0)
         if logit is not None:
             parts.append(ImageSigmoid(shape, alpha=logit))
-        super().__init__(parts, shape, context_dim, base)
+        config = {"shape": shape, "levels": levels, "steps": steps, "channels": channels}
+        config.update(blocks=blocks, context_dim=context_dim, split_prior=split_prior)
+        config.update(logit=logit, base=base)
+        super().__init__(parts, shape, context_dim, base, config=config)
 
 
 ELEMENTWISE = ("sinh_arcsinh", "leaky_relu", None)
@@ -747,6 +815,139 @@ class LinearFlow(Flow):
             elif elementwise == "leaky_relu":
                 parts.append(LeakyReLU(0.5))
         parts.append(ElementwiseAffine(dim))
+        config = {"dim": dim, "layers": layers, "hidden": hidden, "context_dim": context_dim}
+        config.update(linear=linear, elementwise=elementwise, base=base)
         if base is None:
             base = "conditional_normal" if context_dim else "normal"
-        super().__init__(parts, dim, context_dim, base, base_hidden=hidden)
+        super().__init__(parts, dim, context_dim, base, base_hidden=hidden, config=config)
+
+
+# -- the builder table ----------------------------------------------------------------------------
+_BUILTIN = {
+    "nice": NICE,
+    "realnvp": RealNVP,
+    "maf": MAF,
+    "iaf": IAF,
+    "nsf": NSF,
+    "linear": LinearFlow,
+    "glow": Glow,
+    "image_realnvp": ImageRealNVP,
+}
+_BUILDERS: dict[str, type[Flow]] = dict(_BUILTIN)
+
+#: Flow builders by name, read-only: the names of the command line's ``--flow``,
+#: ``AutoFlowGuide(flow=NAME)`` and the ``"builder"`` of a saved flow's ``config.json``, which
+#: :func:`pyroflows.load` resolves here (and nowhere else). Add to it with
+#: :func:`register_builder`.
+BUILDERS: Mapping[str, type[Flow]] = MappingProxyType(_BUILDERS)
+
+_NAME = re.compile(r"[a-z][a-z0-9_\-]*")
+
+
+def register_builder(name: str, cls: type[Flow]) -> type[Flow]:
+    """Add a builder to :data:`BUILDERS` under ``name``, so that its flows can be saved and loaded.
+
+    :func:`pyroflows.save` writes the name and the flow's :attr:`Flow.config` arguments, and
+    :func:`pyroflows.load` rebuilds ``BUILDERS[name](**kwargs)``: register the class (in the
+    module that defines it, imported before loading) in every program that saves or loads it.
+    A vector builder (first argument ``dim``) registered this way is also accepted by
+    ``AutoFlowGuide(flow=name)`` and the command line's ``--flow``.
+
+    A subclass that keeps its parent's constructor needs nothing more. One whose constructor
+    takes other arguments records them with :meth:`Flow.set_config` at the end of its
+    ``__init__`` (otherwise :func:`pyroflows.save` refuses it, since the parent's arguments
+    would not rebuild it).
+
+    Args:
+        name: lower-case letters, digits, ``_`` and ``-``, starting with a letter; not one of
+            the built-in names. Registering again under the same name replaces a class of the
+            same qualified name (a re-run notebook cell), and refuses any other.
+        cls: a :class:`Flow` subclass whose constructor takes the :attr:`Flow.config` arguments.
+
+    Returns:
+        ``cls``.
+
+    Example:
+        >>> import tempfile, torch
+        >>> import pyroflows as pf
+        >>> from pyroflows.flows import register_builder, unregister_builder
+        >>> class WideNSF(pf.NSF):
+        ...     def __init__(self, dim: int, width: int = 32) -> None:
+        ...         super().__init__(dim, layers=2, hidden=(width, width))
+        ...         self.set_config(dim=dim, width=width)
+        >>> _ = register_builder("wide_nsf", WideNSF)
+        >>> flow = WideNSF(2, width=16)
+        >>> flow.config
+        {'builder': 'wide_nsf', 'kwargs': {'dim': 2, 'width': 16}}
+        >>> loaded = pf.load(pf.save(flow, tempfile.mkdtemp()))
+        >>> type(loaded).__name__, loaded.config == flow.config
+        ('WideNSF', True)
+        >>> unregister_builder("wide_nsf")
+    """
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(
+            "name: expected lower-case letters, digits, '_' or '-', starting with a letter; "
+            f"got {name!r}"
+        )
+    if not (isinstance(cls, type) and issubclass(cls, Flow)) or cls is Flow:
+        raise TypeError(f"cls: expected a subclass of pyroflows.Flow; got {cls!r}")
+    if name in _BUILTIN:
+        raise ValueError(
+            f"name: {name!r} is a built-in builder ({_BUILTIN[name].__name__}); choose another"
+        )
+    current = builder_name(cls)
+    if current is not None and current != name:
+        raise ValueError(f"{cls.__qualname__} is already registered as {current!r}")
+    old = _BUILDERS.get(name)
+    if old is not None and _qualified_name(old) != _qualified_name(cls):
+        raise ValueError(
+            f"name: {name!r} is already registered for {_qualified_name(old)}; "
+            f"got {_qualified_name(cls)}"
+        )
+    _BUILDERS[name] = cls
+    return cls
+
+
+def unregister_builder(name: str) -> None:
+    """Remove a builder added with :func:`register_builder` from :data:`BUILDERS`.
+
+    Args:
+        name: a registered name (not a built-in one).
+    """
+    if name in _BUILTIN:
+        raise ValueError(f"name: {name!r} is a built-in builder; it cannot be removed")
+    if name not in _BUILDERS:
+        raise ValueError(f"name: expected a registered builder; got {name!r}")
+    del _BUILDERS[name]
+
+
+def builder_name(cls: type) -> str | None:
+    """The name under which the class ``cls`` is registered in :data:`BUILDERS`, or ``None``.
+
+    Example:
+        >>> import pyroflows as pf
+        >>> from pyroflows.flows import builder_name
+        >>> builder_name(pf.IAF), builder_name(pf.Flow)
+        ('iaf', None)
+    """
+    for name, registered in _BUILDERS.items():
+        if registered is cls:
+            return name
+    return None
+
+
+def vector_builders() -> dict[str, type[Flow]]:
+    """The builders of :data:`BUILDERS` that take ``dim`` (not image builders), by name.
+
+    These are the choices of the command line's ``--flow`` and of ``AutoFlowGuide(flow=NAME)``.
+
+    Example:
+        >>> from pyroflows.flows import vector_builders
+        >>> sorted(vector_builders())  # the built-in ones
+        ['iaf', 'linear', 'maf', 'nice', 'nsf', 'realnvp']
+    """
+    return {name: cls for name, cls in _BUILDERS.items() if not cls.image_builder}
+
+
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import io
 import warnings
 
@@ -402,3 +403,53 @@ def test_bad_temperature_is_refused(bad):
 def test_temperature_needs_a_normal_base():
     with pytest.raises(ValueError, match="needs a Normal base distribution; got Uniform"):
         pf.bases.tempered(dist.Uniform(torch.zeros(2), 1.0).to_event(1), 0.5)
+
+
+# --- configuration and the builder table ----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_names_the_builder_and_rebuilds_the_same_architecture(name):
+    flow = BUILDERS[name](context_dim=1)
+    config = flow.config
+    assert pf.flows.BUILDERS[config["builder"]] is type(flow)
+    torch.manual_seed(0)
+    rebuilt = pf.flows.BUILDERS[config["builder"]](**config["kwargs"])
+    own = flow.state_dict()
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in own.items()
+    }
+    assert rebuilt.config == config
+    # the recorded arguments are the builder's, all of them (defaults included)
+    assert set(config["kwargs"]) == set(inspect.signature(type(flow)).parameters)
+
+
+def test_iaf_shares_mafs_constructor_and_differs_in_orientation():
+    assert "__init__" not in pf.IAF.__dict__  # no copied signature to keep in step
+    assert inspect.signature(pf.IAF) == inspect.signature(pf.MAF)
+    iaf, maf = pf.IAF(3, layers=2), pf.MAF(3, layers=2)
+    assert (iaf.config["builder"], maf.config["builder"]) == ("iaf", "maf")
+    assert iaf.config["kwargs"] == maf.config["kwargs"]
+    assert {t.orientation for t in iaf.transforms if hasattr(t, "orientation")} == {"iaf"}
+
+
+def test_the_builder_table():
+    table = pf.flows.BUILDERS
+    assert table["nsf"] is pf.NSF and table["glow"] is pf.Glow
+    assert table["image_realnvp"] is pf.flows.ImageRealNVP
+    assert sorted(pf.flows.vector_builders()) == ["iaf", "linear", "maf", "nice", "nsf", "realnvp"]
+    assert all(pf.flows.builder_name(cls) == name for name, cls in table.items())
+    assert pf.flows.builder_name(pf.Flow) is None
+    assert pf.Flow([pf.transforms.Reverse(2)], dim=2).config is None  # assembled by hand
+    with pytest.raises(TypeError):
+        table["mine"] = pf.NSF  # read-only: pyroflows.flows.register_builder adds names
+
+
+def test_realnvp_of_a_shape_is_the_image_realnvp_with_a_deprecation_warning():
+    with pytest.warns(DeprecationWarning, match=r"use pyroflows.flows.ImageRealNVP\(shape"):
+        flow = pf.RealNVP(shape=(1, 4, 4), channels=4, blocks=1)
+    assert type(flow) is pf.flows.ImageRealNVP and flow.event_shape == (1, 4, 4)
+    assert flow.config["kwargs"]["channels"] == 4
+    assert "shape" not in inspect.signature(pf.RealNVP).parameters
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="layers"):
+        pf.RealNVP(shape=(1, 4, 4), layers=3)  # vector options do not apply to images

@@ -1,4 +1,4 @@
-"""Multi-scale image flows: Squeezed / FactorOut, Glow and RealNVP(shape=...) as distributions."""
+"""Multi-scale image flows: Squeezed / FactorOut, Glow and ImageRealNVP as distributions."""
 
 import numpy as np
 import pyro.distributions as dist
@@ -7,6 +7,7 @@ import torch
 from torch.autograd.functional import jacobian
 
 import pyroflows as pf
+from pyroflows.flows import ImageRealNVP
 from pyroflows.transforms import ActNorm2d, ImageAffineCoupling, InvConv1x1
 from pyroflows.transforms.multiscale import FactorOut, Squeezed
 
@@ -61,7 +62,7 @@ def test_factor_out_passes_the_other_channels_through_and_checks_its_arguments()
 def builders():
     return {
         "glow": lambda **kw: pf.Glow((1, 8, 8), levels=2, steps=2, channels=8, **kw),
-        "realnvp": lambda **kw: pf.RealNVP(shape=(2, 4, 4), scales=2, channels=8, blocks=1, **kw),
+        "realnvp": lambda **kw: ImageRealNVP((2, 4, 4), scales=2, channels=8, blocks=1, **kw),
     }
 
 
@@ -99,6 +100,8 @@ def test_glow_structure_factor_out_and_split_prior():
     assert sum(p.numel() for p in without.parameters()) < sum(p.numel() for p in flow.parameters())
     with pytest.raises(ValueError, match="divisible by 8"):
         pf.Glow((1, 12, 12), levels=3)
+    with pytest.raises(ValueError, match="divisible by 2"):
+        ImageRealNVP((1, 5, 5), scales=2)
     with pytest.raises(ValueError, match="not both"):
         pf.RealNVP(4, shape=(1, 4, 4))
 
@@ -120,14 +123,15 @@ def test_fit_and_save_load_an_image_flow(tmp_path):
     # 4x4 "images" in [0, 1]: bright top half, dark bottom half, with noise
     x = torch.rand(400, 1, 4, 4) * 0.3
     x[:, :, :2] += 0.6
-    flow = pf.RealNVP(shape=(1, 4, 4), scales=2, channels=8, blocks=1)
+    flow = ImageRealNVP((1, 4, 4), scales=2, channels=8, blocks=1)
     history = pf.fit(flow, x, steps=60, batch_size=64, lr=3e-3, progress=False, seed=0)
     assert history.best_valid_nll < history.valid_nll[0] - 1.0
     with pytest.raises(ValueError, match=r"\(N, 1, 4, 4\)"):
         pf.fit(flow, torch.rand(10, 16), steps=1, progress=False)
     pf.save(flow, tmp_path / "m")
     loaded = pf.load(tmp_path / "m")
-    assert loaded.event_shape == (1, 4, 4)
+    assert type(loaded) is ImageRealNVP and loaded.event_shape == (1, 4, 4)
+    assert loaded.config["builder"] == "image_realnvp"
     torch.testing.assert_close(loaded().log_prob(x[:5]), flow().log_prob(x[:5]))
 
 
