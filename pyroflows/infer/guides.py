@@ -22,11 +22,18 @@ for VAEs and other amortised posteriors.
 * ``"maf"``: density evaluation is one pass, but sampling costs ``latent_dim`` sequential passes
   per layer; every SVI step samples, so MAF is slow for VI beyond a few dozen dimensions. Choose
   it only when you need the guide's density at points it did not sample.
+* ``"nice"`` (additive coupling, volume-preserving but for a final scaling) and ``"linear"``
+  (LU-linear maps with elementwise sinh-arcsinh layers: skewed, heavy- or light-tailed
+  Gaussians) are cheaper still and less flexible.
+
+Any vector builder registered with :func:`pyroflows.flows.register_builder` is accepted by name
+too; image flows (``"glow"``, ``"image_realnvp"``) are refused.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import warnings
@@ -48,7 +55,7 @@ from torch.distributions import biject_to, transform_to
 from torch.distributions.transforms import AffineTransform, ComposeTransform, Transform
 
 from .._checks import check_nonnegative_int
-from ..flows import IAF, MAF, NSF, Flow, RealNVP
+from ..flows import BUILDERS, Flow, vector_builders
 from ..transforms import ActNorm
 
 __all__ = [
@@ -59,7 +66,9 @@ __all__ = [
     "init_to_unconstrained_zero",
 ]
 
-FLOWS = ("iaf", "maf", "nsf", "realnvp")
+#: The built-in names ``AutoFlowGuide(flow=NAME)`` accepts: the vector builders of
+#: :data:`pyroflows.flows.BUILDERS` (builders registered later are accepted too).
+FLOWS = tuple(vector_builders())
 COVARIANCES = ("auto", "full", "diagonal")
 #: ``covariance="auto"`` keeps a full lower-Cholesky factor up to this many latent dimensions
 #: (its cost per sample is O(latent_dim²)), a diagonal scale beyond.
@@ -147,23 +156,10 @@ def _build_flow(
     hidden: Sequence[int],
     flow_kwargs: dict,
 ) -> Flow:
-    # ActNorm is off: in VI there is no data batch to initialise it from (see _declare_actnorm).
     if isinstance(flow, str):
-        kwargs = {"layers": layers, "hidden": hidden, "actnorm": False, **flow_kwargs}
-        if flow == "iaf":
-            return IAF(dim, **kwargs)
-        if flow == "maf":
-            return MAF(dim, **kwargs)
-        if flow == "nsf":
-            kwargs.setdefault("autoregressive", dim < 2)
-            return NSF(dim, **kwargs)
-        if dim < 2:
-            raise ValueError(
-                f"flow='realnvp' couples halves of the latent vector and needs at least 2 "
-                f"latent dimensions; got {dim} (use flow='iaf' or 'nsf')"
-            )
-        return RealNVP(dim, **kwargs)
-    built = flow if isinstance(flow, nn.Module) else flow(dim)
+        built = _named_flow(flow, dim, layers, hidden, flow_kwargs)
+    else:
+        built = flow if isinstance(flow, nn.Module) else flow(dim)
     if not isinstance(built, nn.Module):
         raise TypeError(f"flow: expected callable(dim) to return a Flow; got {type(built)}")
     if getattr(built, "dim", dim) != dim:
@@ -181,6 +177,44 @@ def _build_flow(
         )
     _declare_actnorm(built)
     return built
+
+
+def _check_flow_name(name: str) -> None:
+    builders = vector_builders()
+    if name in builders:
+        return
+    expected = f"flow: expected one of {tuple(builders)}, a Flow or a callable; got {name!r}"
+    if name in BUILDERS:
+        raise ValueError(
+            f"{expected}, an image flow (its first argument is shape=(C, H, W)); a guide's flow "
+            "acts on the vector of all latent values"
+        )
+    raise ValueError(expected)
+
+
+def _named_flow(name: str, dim: int, layers: int, hidden: Sequence[int], flow_kwargs: dict) -> Flow:
+    """``BUILDERS[name](dim, ...)``, with ``layers`` and ``hidden`` where the builder takes them."""
+    cls = vector_builders()[name]
+    takes = inspect.signature(cls).parameters
+    kwargs: dict[str, Any] = {}
+    if "layers" in takes:
+        kwargs["layers"] = layers
+    if "hidden" in takes:
+        kwargs["hidden"] = hidden
+    if "actnorm" in takes:
+        # off: in VI there is no data batch to initialise it from (see _declare_actnorm)
+        kwargs["actnorm"] = False
+    if "autoregressive" in takes and dim < 2:
+        kwargs["autoregressive"] = True  # one latent dimension cannot be split for coupling
+    kwargs.update(flow_kwargs)
+    try:
+        return cls(dim, **kwargs)
+    except ValueError as err:
+        raise ValueError(
+            f"flow={name!r} cannot be built over this model's {dim} latent dimension"
+            f"{'s' if dim != 1 else ''}: {err}"
+            + (" (use flow='iaf', 'maf' or 'nsf')" if dim < 2 else "")
+        ) from None
 
 
 def _declare_actnorm(flow: nn.Module) -> None:
@@ -257,11 +291,15 @@ class AutoFlowGuide(AutoContinuous):
     Args:
         model: a Pyro model; its latent sites must be continuous with fixed shapes. Global latents
             may sit in plates (``with pyro.plate("groups", 3): pyro.sample(...)``).
-        flow: ``"iaf"`` (default), ``"maf"``, ``"nsf"`` or ``"realnvp"`` (see the module notes on
-            which to choose), an unconditional :class:`~pyroflows.flows.Flow` with
-            ``dim == latent_dim``, or a callable ``dim -> Flow``.
-        layers: number of flow layers of a named flow.
-        hidden: hidden widths of each conditioner of a named flow.
+        flow: the name of a vector builder of :data:`pyroflows.flows.BUILDERS`: ``"iaf"``
+            (default), ``"maf"``, ``"nsf"``, ``"realnvp"``, ``"nice"``, ``"linear"`` (see the
+            module notes on which to choose) or one registered with
+            :func:`~pyroflows.flows.register_builder`; an unconditional
+            :class:`~pyroflows.flows.Flow` with ``dim == latent_dim``; or a callable
+            ``dim -> Flow``.
+        layers: number of flow layers of a named flow (if its builder takes ``layers``).
+        hidden: hidden widths of each conditioner of a named flow (if its builder takes
+            ``hidden``). Named flows are built without ActNorm (``actnorm=False``).
         init_loc_fn: Pyro init strategy for the initial location (``init_to_median``,
             ``init_to_value(values=...)``, ...). Sites that cannot be sampled (improper priors)
             fall back to :func:`init_to_unconstrained_zero`, whatever the strategy.
@@ -310,10 +348,7 @@ class AutoFlowGuide(AutoContinuous):
         **flow_kwargs: Any,
     ) -> None:
         if isinstance(flow, str):
-            if flow not in FLOWS:
-                raise ValueError(
-                    f"flow: expected one of {FLOWS}, a Flow or a callable; got {flow!r}"
-                )
+            _check_flow_name(flow)
         elif not callable(flow):
             raise TypeError(f"flow: expected a name, a Flow or a callable(dim); got {type(flow)}")
         elif flow_kwargs:

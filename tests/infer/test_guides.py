@@ -400,6 +400,30 @@ def test_callable_and_instance_flow():
     assert math.isfinite(_train(hierarchical, instance, 3, y, group)[-1])
 
 
+def test_every_vector_builder_of_the_table_is_a_named_flow_and_image_flows_are_refused():
+    assert set(FLOWS) == set(pf.flows.vector_builders()) >= {"iaf", "maf", "nsf", "realnvp"}
+    assert {"nice", "linear"} <= set(FLOWS)
+    for name in ("glow", "image_realnvp"):
+        with pytest.raises(ValueError, match=rf"got '{name}', an image flow"):
+            AutoFlowGuide(hierarchical, flow=name)
+
+
+class _TinyIAF(pf.IAF):
+    """A user's builder: an IAF subclass, registered under a name of its own."""
+
+
+def test_a_registered_builder_is_a_named_flow():
+    pf.flows.register_builder("tiny_iaf", _TinyIAF)
+    try:
+        y, group = _hierarchical_data()
+        guide = AutoFlowGuide(hierarchical, flow="tiny_iaf", layers=1, hidden=(8,), mixing=None)
+        assert math.isfinite(_train(hierarchical, guide, 3, y, group)[-1])
+        assert type(guide.flow) is _TinyIAF and guide.flow.config["kwargs"]["layers"] == 1
+    finally:
+        pf.flows.unregister_builder("tiny_iaf")
+    assert "tiny_iaf" not in FLOWS and "tiny_iaf" not in pf.flows.BUILDERS
+
+
 def test_flow_validation():
     y, group = _hierarchical_data()
     with pytest.raises(ValueError, match="flow: expected one of"):
