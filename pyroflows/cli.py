@@ -46,33 +46,28 @@ import numpy as np
 import torch
 
 from . import __version__
+from . import demo as _demo
 from .datasets import TOYS, Toy, load_data
-from .flows import IAF, MAF, NICE, NSF, Flow, LinearFlow, RealNVP
-from .io import CONFIG_FILE, load, save
-from .train import TrainingDiverged, fit
+from .evaluate import Evaluation, evaluate
+from .flows import Flow, vector_builders
+from .io import CONFIG_FILE, load
+from .report import fit_and_report
+from .train import TrainingDiverged
 
 __all__ = ["build_parser", "demo", "main", "run_demo"]
 
 PROG = "pyroflows"
-FLOWS: dict[str, type[Flow]] = {
-    "nice": NICE,
-    "realnvp": RealNVP,
-    "maf": MAF,
-    "iaf": IAF,
-    "nsf": NSF,
-    "linear": LinearFlow,
-}
 SAMPLE_FORMATS = (".npy", ".npz", ".csv", ".txt")
-EVAL_BATCH = 8192
 #: ``eval`` draws built-in data from this seed offset, a stream ``fit`` (seed 0, 1, ...) never
 #: trains on.
 EVAL_SEED_OFFSET = 1_000_000
-DEMO_DATA = "builtin:ring"
-DEMO_OUT = "pyroflows-demo"
-DEMO_STEPS = 1500
-DEMO_LR = 3e-3
-DEMO_N = 20_000
-DEMO_LAYERS, DEMO_HIDDEN = 4, (64, 64)
+DEMO_DATA, DEMO_OUT, DEMO_STEPS, DEMO_LR, DEMO_N = (
+    _demo.DATA,
+    _demo.OUT,
+    _demo.STEPS,
+    _demo.LR,
+    _demo.N,
+)
 
 
 class UsageError(ValueError):
@@ -155,10 +150,10 @@ def _add_fit_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     if not demo:
         model.add_argument(
             "--flow",
-            choices=sorted(FLOWS),
+            choices=sorted(vector_builders()),
             default="nsf",
             type=str.lower,
-            help="the flow builder (default: nsf)",
+            help="the flow builder, a name of pyroflows.flows.BUILDERS (default: nsf)",
         )
         model.add_argument(
             "--layers", type=_positive_int, help="number of layers (default: the builder's)"
@@ -342,9 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser(
         "demo",
-        help="fit a neural spline flow to a 2-D ring of Gaussians (under a minute on a CPU)",
-        description=f"Fit pyroflows.NSF ({DEMO_LAYERS} layers, hidden "
-        f"{','.join(map(str, DEMO_HIDDEN))}, 8 bins) to {DEMO_DATA} (a ring of 8 Gaussians with a "
+        help="fit a neural spline flow to a 2-D ring of Gaussians (about 15 s on one CPU core)",
+        description=f"Fit pyroflows.NSF ({_demo.LAYERS} layers, hidden "
+        f"{','.join(map(str, _demo.HIDDEN))}, {_demo.BINS} bins) to {DEMO_DATA} (a ring of 8 "
+        "Gaussians with a "
         "known density), report the KL gap to the truth, and write model/, metrics.json and "
         "density.png to the output folder.",
     )
@@ -375,22 +371,6 @@ def _model_folder(path: Path) -> Path:
     if not (path / CONFIG_FILE).is_file() and (path / "model" / CONFIG_FILE).is_file():
         return path / "model"
     return path
-
-
-def _nll_values(flow: Flow, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Per-point NLL, float64 on the CPU."""
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(x), EVAL_BATCH):
-            batch = x[start : start + EVAL_BATCH].to(device)
-            parts.append(-flow().log_prob(batch).double().cpu())
-    return torch.cat(parts)
-
-
-def _mean_se(values: torch.Tensor) -> tuple[float, float | None]:
-    mean = values.mean().item()
-    se = (values.std() / math.sqrt(len(values))).item() if len(values) > 1 else None
-    return mean, se
 
 
 def _check_width(name: str, x: torch.Tensor, dim: int) -> None:
@@ -454,22 +434,7 @@ def _build_flow(args: argparse.Namespace, dim: int) -> Flow:
     elif args.bins is not None or args.autoregressive:
         option = "--bins" if args.bins is not None else "--autoregressive"
         raise UsageError(f"{option}: applies to --flow nsf only; got --flow {name}")
-    return FLOWS[name](dim, **kwargs)
-
-
-def _describe(flow: Flow) -> str:
-    config = flow.config or {}
-    kwargs = config.get("kwargs", {})
-    parts = [f"{kwargs['layers']} layers"] if "layers" in kwargs else []
-    if "hidden" in kwargs and not isinstance(flow, LinearFlow):
-        parts.append("hidden " + ",".join(str(h) for h in kwargs["hidden"]))
-    if isinstance(flow, NSF):
-        parts.append(f"{kwargs['bins']} bins")
-        if kwargs.get("autoregressive"):
-            parts.append("autoregressive")
-    count = sum(p.numel() for p in flow.parameters())
-    parts.append(f"{count:,} parameters")
-    return f"{type(flow).__name__} ({', '.join(parts)})"
+    return vector_builders()[name](dim, **kwargs)
 
 
 def _fmt(mean: float | None, se: float | None) -> str:
@@ -478,50 +443,36 @@ def _fmt(mean: float | None, se: float | None) -> str:
     return f"{mean:.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
 
-def _run_steps_before(checkpoint: Path | None, resume: bool) -> int:
-    if not (resume and checkpoint is not None and (checkpoint / "state.pt").is_file()):
-        return 0
-    try:
-        state = torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
-        return int(state["history"]["steps"])
-    except Exception:  # fit itself reports an unusable checkpoint
-        return 0
-
-
 # ---------------------------------------------------------------------------------------------
 # fit and demo
 # ---------------------------------------------------------------------------------------------
 
 
 def _fit(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything ``fit`` does; returns the metrics it writes."""
+    """``pyroflows fit``: data and flow from the options, then :func:`fit_and_report`."""
     device = _device(args.device)
     x, truth = load_data(args.data, n=args.n, seed=args.seed)
     train, valid, test, test_truth = _split(args, x, truth)
     torch.manual_seed(args.seed)
     flow = _build_flow(args, x.shape[1])
-    out: Path = args.out
     checkpoint = args.checkpoint
     if args.resume and checkpoint is None:
-        checkpoint = out / "checkpoint"
-    before = _run_steps_before(checkpoint, args.resume)
-    out.mkdir(parents=True, exist_ok=True)  # fail before training, not after
-
-    sizes = [len(part) if part is not None else 0 for part in (train, valid, test)]
-    print(
-        f"{PROG} {args.command}: {_describe(flow)} on {args.data} ({x.shape[1]}-D): "
-        f"{sizes[0]:,} train, {sizes[1]:,} valid, {sizes[2]:,} test"
-    )
-    sys.stdout.flush()
-    history = fit(
+        checkpoint = args.out / "checkpoint"
+    return fit_and_report(
         flow,
         train,
+        args.out,
+        valid=valid,
+        test=test,
+        truth=test_truth,
+        data_name=str(args.data),
+        plot=not args.no_plot,
+        command=f"{PROG} {args.command}",
         steps=args.steps,
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         scheduler=None if args.constant_lr else "cosine",
-        valid=valid,
         patience=args.patience,
         device=device,
         progress=not args.no_progress,
@@ -529,88 +480,6 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
         resume=args.resume,
         seed=args.seed,
     )
-    flow.eval()
-
-    metrics: dict[str, Any] = {
-        "pyroflows_version": __version__,
-        "data": str(args.data),
-        "dim": x.shape[1],
-        "flow": flow.config,
-        "parameters": sum(p.numel() for p in flow.parameters()),
-        "n_train": len(train),
-        "n_valid": 0 if valid is None else len(valid),
-        "n_test": 0 if test is None else len(test),
-        "steps": history.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "seed": args.seed,
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "seconds": history.seconds,
-        "steps_per_second": (history.steps - before) / history.seconds
-        if history.seconds > 0
-        else None,
-        "best_step": history.best_step,
-        "stopped_early": history.stopped_early,
-        "interrupted": history.interrupted,
-        "units": "nats per point",
-    }
-    for name, part in (("train", train), ("valid", valid), ("test", test)):
-        mean, se = _mean_se(_nll_values(flow, part, device)) if part is not None else (None, None)
-        metrics[f"{name}_nll"], metrics[f"{name}_nll_se"] = mean, se
-    for key in ("entropy", "entropy_se", "kl_gap", "kl_gap_se"):
-        metrics[key] = None
-    if test is not None and test_truth is not None and test_truth.log_prob is not None:
-        metrics.update(_kl_gap(flow, test_truth, test, device))
-
-    save(flow, out / "model")
-    written = [out / "model"]
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    written.append(out / "metrics.json")
-    note = None
-    if args.no_plot:
-        pass
-    elif x.shape[1] != 2:
-        note = f"density.png skipped: the plot is for 2-D data; these are {x.shape[1]}-D"
-    else:
-        try:
-            _plot(flow, train, truth, out / "density.png", str(args.data), device, args.seed)
-            written.append(out / "density.png")
-        except ImportError:
-            note = "density.png skipped: matplotlib is not installed (pip install pyroflows[plot])"
-
-    speed = metrics["steps_per_second"]
-    print(
-        f"trained {history.steps} steps in {history.seconds:.1f} s"
-        + (f" ({speed:.1f} steps/s)" if speed else "")
-        + (f"; best validation NLL at step {history.best_step}" if history.best_step else "")
-        + ("; stopped early" if history.stopped_early else "")
-        + ("; interrupted (kept the best state so far)" if history.interrupted else "")
-    )
-    print(
-        f"NLL (nats per point): train {_fmt(metrics['train_nll'], metrics['train_nll_se'])}, "
-        f"valid {_fmt(metrics['valid_nll'], metrics['valid_nll_se'])}, "
-        f"test {_fmt(metrics['test_nll'], metrics['test_nll_se'])}"
-    )
-    if metrics["kl_gap"] is not None:
-        print(
-            f"KL(p||q) gap {_fmt(metrics['kl_gap'], metrics['kl_gap_se'])} nats "
-            f"(test NLL minus the true entropy {_fmt(metrics['entropy'], metrics['entropy_se'])})"
-        )
-    if note:
-        print(note)
-    print("wrote " + ", ".join(str(p) for p in written))
-    return metrics
-
-
-def _kl_gap(flow: Flow, truth: Toy, test: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    """KL(p || q) ~ mean(log p - log q) on test points from p, with its standard error."""
-    nll = _nll_values(flow, test, device)
-    with torch.no_grad():
-        log_p = truth.log_prob(test.double()).double()
-    entropy, entropy_se = _mean_se(-log_p)
-    gap, gap_se = _mean_se(nll + log_p)  # paired: the shared noise cancels
-    return {"entropy": entropy, "entropy_se": entropy_se, "kl_gap": gap, "kl_gap_se": gap_se}
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -618,38 +487,34 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_namespace(args: argparse.Namespace) -> argparse.Namespace:
-    values = vars(args).copy()
-    values.update(
-        data=DEMO_DATA,
-        flow="nsf",
-        layers=DEMO_LAYERS,
-        hidden=DEMO_HIDDEN,
-        bins=8,
-        autoregressive=False,
-        constant_lr=False,
-        valid=0.1,
-        test=0.1,
-        patience=None,
-        checkpoint=None,
-        resume=False,
+def _run_demo(args: argparse.Namespace) -> dict[str, Any]:
+    return _demo.run(
+        args.out,
+        steps=args.steps,
+        epochs=args.epochs,
+        n=args.n,
+        seed=args.seed,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        device=_device(args.device),
+        progress=not args.no_progress,
+        plot=not args.no_plot,
     )
-    return argparse.Namespace(**values)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    _fit(_demo_namespace(args))
+    _run_demo(args)
     return 0
 
 
 def run_demo(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``pyroflows demo`` with the options in ``argv``; returns the metrics it writes.
 
-    For ``python -m pyroflows.demo``: ``run_demo(["--steps", "300", "--out", folder])``.
-    Argument errors exit as argparse does (status 2).
+    ``python -m pyroflows.demo OPTIONS`` runs this. Argument errors exit as argparse does
+    (status 2). The work is :func:`pyroflows.demo.run`'s.
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    return _fit(_demo_namespace(build_parser().parse_args(["demo", *map(str, argv)])))
+    return _run_demo(build_parser().parse_args(["demo", *map(str, argv)]))
 
 
 def demo(
@@ -662,76 +527,9 @@ def demo(
 ) -> dict[str, Any]:
     """Run ``pyroflows demo`` and return its metrics (``metrics["kl_gap"]``: KL(p||q), nats).
 
-    Fits :class:`pyroflows.NSF` to ``n`` points of a ring of eight Gaussians, whose density is
-    known exactly, and writes ``out/model``, ``out/metrics.json`` and ``out/density.png``.
+    The same as :func:`pyroflows.demo.run` (which takes the other options of the command too).
     """
-    argv = ["--out", os.fspath(out), "--steps", str(steps), "--seed", str(seed), "-n", str(n)]
-    return run_demo(
-        argv + ([] if progress else ["--no-progress"]) + ([] if plot else ["--no-plot"])
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# the density plot
-# ---------------------------------------------------------------------------------------------
-
-
-def _plot(
-    flow: Flow,
-    data: torch.Tensor,
-    truth: Toy | None,
-    path: Path,
-    title: str,
-    device: torch.device,
-    seed: int,
-    grid: int = 200,
-) -> None:
-    """Data, the true density (when known), the learned density and flow samples, side by side."""
-    # A bare Figure renders with Agg and leaves pyplot's global backend and state alone.
-    from matplotlib.figure import Figure
-
-    x = data.double().numpy()
-    lo, hi = np.quantile(x, 0.002, axis=0), np.quantile(x, 0.998, axis=0)
-    pad = 0.1 * (hi - lo) + 1e-3
-    lo, hi = lo - pad, hi + pad
-    side = max(hi - lo)  # square axes, centred on the data
-    centre = (lo + hi) / 2
-    lo, hi = centre - side / 2, centre + side / 2
-    extent = (lo[0], hi[0], lo[1], hi[1])
-    gx, gy = np.linspace(lo[0], hi[0], grid), np.linspace(lo[1], hi[1], grid)
-    points = torch.tensor(np.stack(np.meshgrid(gx, gy), -1).reshape(-1, 2), dtype=torch.float32)
-    learned = (-_nll_values(flow, points, device)).exp().reshape(grid, grid).numpy()
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        samples = flow().sample((min(len(x), 20_000),)).double().cpu().numpy()
-    samples = samples[np.isfinite(samples).all(1)]
-
-    panels = [("data", "hist", x)]
-    if truth is not None and truth.log_prob is not None:
-        with torch.no_grad():
-            true = truth.log_prob(points.double()).exp().reshape(grid, grid).numpy()
-        panels.append(("true density", "image", true))
-    panels.append(("learned density", "image", learned))
-    panels.append((f"flow samples ({len(samples):,})", "hist", samples))
-
-    fig = Figure(figsize=(3.2 * len(panels), 3.4))
-    axes = fig.subplots(1, len(panels), squeeze=False)
-    bins = np.linspace(lo[0], hi[0], 121), np.linspace(lo[1], hi[1], 121)
-    for ax, (name, kind, values) in zip(axes[0], panels, strict=True):
-        if kind == "hist":
-            ax.hist2d(values[:, 0], values[:, 1], bins=bins, cmap="viridis", rasterized=True)
-            if name == "data":
-                name = f"data ({len(values):,} training points)"
-        else:
-            ax.imshow(values, origin="lower", extent=extent, cmap="viridis", aspect="auto")
-        ax.set_title(name, fontsize=10)
-        ax.set_xlim(lo[0], hi[0])
-        ax.set_ylim(lo[1], hi[1])
-        ax.set_aspect("equal")
-        ax.tick_params(labelsize=7)
-    fig.suptitle(f"{_describe(flow)} on {title}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return _demo.run(out, steps=steps, seed=seed, n=n, progress=progress, plot=plot)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -778,18 +576,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     flow.eval()
     x, truth = load_data(args.data, n=args.n, seed=EVAL_SEED_OFFSET + args.seed)
     _check_width(f"DATA {args.data}", x, flow.dim)
-    mean, se = _mean_se(_nll_values(flow, x, device))
-    result: dict[str, Any] = {"data": str(args.data), "n": len(x), "nll": mean, "nll_se": se}
-    if truth is not None and truth.log_prob is not None:
-        result.update(_kl_gap(flow, truth, x, device))
+    known = truth is not None and truth.log_prob is not None
+    score: Evaluation = evaluate(flow, x, truth=truth if known else None)
+    result: dict[str, Any] = {"data": str(args.data), "n": score.n}
+    result.update(nll=score.nll, nll_se=score.nll_se)
+    if known:
+        result.update(entropy=score.entropy, entropy_se=score.entropy_se)
+        result.update(kl_gap=score.kl_gap, kl_gap_se=score.kl_gap_se)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"mean NLL {_fmt(mean, se)} nats per point ({len(x):,} points of {args.data})")
-    if "kl_gap" in result:
+    nll = _fmt(score.nll, score.nll_se)
+    print(f"mean NLL {nll} nats per point ({len(x):,} points of {args.data})")
+    if known:
         print(
-            f"KL(p||q) gap {_fmt(result['kl_gap'], result['kl_gap_se'])} nats "
-            f"(true entropy {_fmt(result['entropy'], result['entropy_se'])})"
+            f"KL(p||q) gap {_fmt(score.kl_gap, score.kl_gap_se)} nats "
+            f"(true entropy {_fmt(score.entropy, score.entropy_se)})"
         )
     return 0
 

@@ -86,7 +86,7 @@ def test_fit_writes_model_metrics_and_plot(fitted):
     # KL gap = test NLL - entropy, both on the same test points
     assert metrics["kl_gap"] == pytest.approx(metrics["test_nll"] - metrics["entropy"], abs=1e-6)
     assert metrics["kl_gap_se"] > 0
-    assert metrics["flow"]["builder"] == "pyroflows.flows.RealNVP"
+    assert metrics["flow"]["builder"] == "realnvp"  # its name in pyroflows.flows.BUILDERS
     assert metrics["flow"]["kwargs"]["hidden"] == [8]
     flow = pf.load(fitted / "model")
     assert isinstance(flow, pf.RealNVP) and flow.dim == 2
@@ -150,9 +150,31 @@ def test_checkpoint_and_resume_continue_a_run(tmp_path, capsys):
     base += ["--out", tmp_path / "out", "--checkpoint", tmp_path / "ckpt"]
     assert run([*base, "--steps", "6"], capsys)[0] == 0
     assert (tmp_path / "ckpt" / "state.pt").is_file()
-    code, _, err = run([*base, "--steps", "12", "--resume"], capsys)
+    code, out, err = run([*base, "--steps", "12", "--resume"], capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["steps"] == 12
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["steps"] == 12
+    # the speed counts the 6 steps of this call only
+    assert metrics["steps_per_second"] == pytest.approx(6 / metrics["seconds"])
+    assert "trained 12 steps" in out
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "empty", "truncated"])
+def test_resume_from_a_corrupt_checkpoint_is_a_one_line_error(tmp_path, capsys, damage):
+    base = ["fit", "builtin:ring", "-n", "300", *TINY[:-3], "--no-progress", "--no-plot"]
+    base += ["--out", tmp_path / "out", "--checkpoint", tmp_path / "ckpt"]
+    assert run([*base, "--steps", "6"], capsys)[0] == 0
+    state = tmp_path / "ckpt" / "state.pt"
+    intact = state.read_bytes()
+    state.write_bytes(
+        {
+            "random bytes": np.random.default_rng(0).bytes(len(intact)),
+            "empty": b"",
+            "truncated": intact[: len(intact) // 2],
+        }[damage]
+    )
+    code, _, err = run([*base, "--steps", "12", "--resume"], capsys)
+    assert_one_line_error(code, err, "checkpoint")
 
 
 # --- sample and eval ------------------------------------------------------------------------
@@ -205,7 +227,7 @@ def test_demo_writes_the_three_outputs(tmp_path, capsys):
     assert (tmp_path / "model" / "config.json").is_file()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["data"] == "builtin:ring" and metrics["steps"] == 3
-    assert metrics["flow"]["builder"] == "pyroflows.flows.NSF"
+    assert metrics["flow"]["builder"] == "nsf"
     assert (tmp_path / "density.png").is_file() == HAS_MPL
 
 
@@ -244,6 +266,7 @@ ERRORS = {
     "no command": ([], "required"),
     "missing data file": (["fit", "{d}/missing.csv", "--out", "{d}/o"], "not found"),
     "bad flow name": (["fit", "builtin:ring", "--flow", "glowish", "--out", "{d}/o"], "glowish"),
+    "image flow name": (["fit", "builtin:ring", "--flow", "glow", "--out", "{d}/o"], "'glow'"),
     "bad builtin name": (["fit", "builtin:donut", "--out", "{d}/o"], "donut"),
     "non-numeric csv": (["fit", "{d}/words.csv", "--out", "{d}/o"], "expected numbers"),
     "bad hidden": (["fit", "builtin:ring", "--hidden", "64,x", "--out", "{d}/o"], "--hidden"),
