@@ -48,7 +48,7 @@ import torch
 from . import __version__
 from . import demo as _demo
 from .datasets import TOYS, Toy, load_data
-from .evaluate import Evaluation, evaluate
+from .evaluation import Evaluation, evaluate
 from .flows import Flow, vector_builders
 from .io import CONFIG_FILE, load
 from .report import fit_and_report

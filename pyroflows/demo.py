@@ -3,7 +3,7 @@
 ``pyroflows demo`` (or ``python -m pyroflows.demo``, with the same options) runs :func:`run`:
 it draws the ring (:func:`pyroflows.datasets.load_data`), holds out a validation and a test set,
 fits :class:`pyroflows.NSF` with :func:`pyroflows.fit`, prints the KL gap to the truth
-(:func:`pyroflows.evaluate.evaluate`) and writes ``model/`` (:func:`pyroflows.save`),
+(:func:`pyroflows.evaluation.evaluate`) and writes ``model/`` (:func:`pyroflows.save`),
 ``metrics.json`` and ``density.png`` (:func:`pyroflows.report.plot_density`) to
 ``./pyroflows-demo`` (or ``--out``), all through :func:`pyroflows.report.fit_and_report`.
 """

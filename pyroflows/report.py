@@ -2,7 +2,7 @@
 
 What ``pyroflows fit`` and ``pyroflows demo`` do once the data and the flow are chosen, as
 library functions: :func:`fit_and_report` trains with :func:`pyroflows.fit`, scores every split
-with :func:`pyroflows.evaluate.evaluate`, saves the flow with :func:`pyroflows.save`, writes
+with :func:`pyroflows.evaluation.evaluate`, saves the flow with :func:`pyroflows.save`, writes
 ``metrics.json`` and, for 2-D data, ``density.png`` (:func:`plot_density`), and prints a short
 summary.
 """
@@ -20,7 +20,7 @@ import torch
 
 from . import __version__
 from .datasets import Toy
-from .evaluate import BATCH_SIZE, Evaluation, evaluate
+from .evaluation import BATCH_SIZE, Evaluation, evaluate
 from .flows import NSF, Flow, LinearFlow
 from .io import save
 from .train import fit
@@ -196,7 +196,7 @@ def fit_and_report(
     """Fit ``flow`` to ``train`` and write ``out/model``, ``out/metrics.json``, ``out/density.png``.
 
     Trains with :func:`pyroflows.fit` (``valid`` as its validation data), scores the train,
-    validation and test sets with :func:`~pyroflows.evaluate.evaluate` (and the KL gap on the
+    validation and test sets with :func:`~pyroflows.evaluation.evaluate` (and the KL gap on the
     test set when ``truth``, the density ``test`` was drawn from, is known), saves the flow
     with :func:`pyroflows.save`, writes the metrics as JSON and, for 2-D data with matplotlib
     installed and ``plot``, the figure of :func:`plot_density`. Prints a line before training

@@ -119,7 +119,7 @@ def evaluate(
 
     Example:
         >>> import torch, pyroflows as pf
-        >>> from pyroflows.evaluate import evaluate
+        >>> from pyroflows.evaluation import evaluate
         >>> flow = pf.RealNVP(2, layers=2, hidden=(8,))  # untrained: the standard Normal base
         >>> x = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
         >>> normal = torch.distributions.Normal(0.0, 1.0)

@@ -1,4 +1,4 @@
-"""pyroflows.evaluate: mean NLL with its standard error, and the KL gap to a known density."""
+"""pyroflows.evaluation: mean NLL with its standard error, and the KL gap to a known density."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import pyroflows as pf
 from pyroflows.datasets import toy
-from pyroflows.evaluate import Evaluation, evaluate
+from pyroflows.evaluation import Evaluation, evaluate
 
 
 def perturbed(flow: pf.Flow) -> pf.Flow:
