@@ -5,12 +5,13 @@ Transforms are Pyro ``TransformModule``\\ s (:mod:`pyroflows.transforms`); flows
 a Pyro distribution: ``flow()`` or, for a conditional flow, ``flow(context)``.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import bases, datasets, diagnostics, engine, flows, images, infer, nn, transforms
-from .flows import IAF, MAF, NICE, NSF, Flow, Glow, LinearFlow, RealNVP
-from .io import load, save
 from .engine import CheckpointError, History, TrainingDiverged, TrainStep
+from .evaluation import evaluate
+from .flows import IAF, MAF, NICE, NSF, Flow, Glow, ImageRealNVP, LinearFlow, RealNVP
+from .io import load, save
 from .train import fit
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "Flow",
     "Glow",
     "History",
+    "ImageRealNVP",
     "LinearFlow",
     "RealNVP",
     "TrainStep",
@@ -31,6 +33,7 @@ __all__ = [
     "datasets",
     "diagnostics",
     "engine",
+    "evaluate",
     "fit",
     "flows",
     "images",

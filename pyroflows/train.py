@@ -53,7 +53,7 @@ from .engine.sources import (
 )
 from .flows import Flow
 from .images import dequantize as _dequantize
-from .io import save
+from .io import can_save, save
 
 __all__ = ["History", "TrainStep", "TrainingDiverged", "fit"]
 
@@ -229,7 +229,7 @@ def fit(
         checkpoint=None if folder is None else Checkpoint(folder, "fit", fingerprint),
         resume=resume,
         on_save=None
-        if folder is None or flow.config is None
+        if folder is None or not can_save(flow)
         else lambda: save(flow, folder / "model"),
         divergence=divergence,
         sync_every=1 if device is None or device.type == "cpu" else SYNC_EVERY,

@@ -154,3 +154,16 @@ def test_a_run_without_a_seed_holds_out_the_same_rows_when_resumed(tmp_path):
     assert history.valid_nll == full.valid_nll
     for key, value in whole.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+class Unregistered(pf.MAF):
+    """A user's subclass of a builder, not in pf.flows.BUILDERS: pf.save refuses it."""
+
+
+def test_a_flow_that_cannot_be_saved_by_name_still_checkpoints_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    flow = Unregistered(2, layers=1, hidden=(8,))
+    pf.fit(flow, data(), checkpoint=tmp_path, callback=lambda s, h: s == 10, **COMMON)
+    assert (tmp_path / "state.pt").is_file() and not (tmp_path / "model").exists()
+    history = pf.fit(flow, data(), checkpoint=tmp_path, resume=True, **COMMON)
+    assert history.first_step == 10 and history.steps == 20
