@@ -58,18 +58,18 @@ def models(name: str, shape: tuple[int, int, int], size: str = "small") -> dict[
     if size == "large":  # the GPU configuration: wider, deeper conditioners
         return {
             "Glow (L=2, K=16, 256 ch)": pf.Glow(shape, levels=2, steps=16, channels=256),
-            "RealNVP (2 scales, 64 ch, 4 blocks)": pf.RealNVP(
-                shape=shape, scales=2, channels=64, blocks=4
+            "RealNVP (2 scales, 64 ch, 4 blocks)": pf.ImageRealNVP(
+                shape, scales=2, channels=64, blocks=4
             ),
         }
     if name == "digits":
         return {
             "Glow (L=2, K=4, 32 ch)": pf.Glow(shape, levels=2, steps=4, channels=32),
-            "RealNVP (2 scales, 32 ch)": pf.RealNVP(shape=shape, scales=2, channels=32, blocks=2),
+            "RealNVP (2 scales, 32 ch)": pf.ImageRealNVP(shape, scales=2, channels=32, blocks=2),
         }
     return {
         "Glow (L=2, K=4, 64 ch)": pf.Glow(shape, levels=2, steps=4, channels=64),
-        "RealNVP (2 scales, 32 ch)": pf.RealNVP(shape=shape, scales=2, channels=32, blocks=1),
+        "RealNVP (2 scales, 32 ch)": pf.ImageRealNVP(shape, scales=2, channels=32, blocks=1),
     }
 
 
