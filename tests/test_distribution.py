@@ -382,3 +382,14 @@ def test_the_distribution_is_a_flow_distribution_with_a_documented_constructor()
     x = torch.randn(4, DIM)
     torch.testing.assert_close(by_hand.log_prob(x), d.log_prob(x))
     assert by_hand.base_dist is base
+
+
+def test_a_flow_moved_after_the_distribution_was_made_is_refused():
+    flow = pf.RealNVP(DIM, layers=1, hidden=H, context_dim=CONTEXT)
+    d = flow(torch.randn(4, CONTEXT))
+    flow.double()  # the kept distribution's context is float32 still
+    for use in (lambda: d.log_prob(torch.randn(4, DIM)), d.rsample, d.sample):
+        with pytest.raises(ValueError, match=r"moved to torch.float64 on cpu: call the flow again"):
+            use()
+    d = flow(torch.randn(4, CONTEXT))  # called again, it is right
+    assert d.log_prob(torch.randn(4, DIM)).dtype == torch.float64

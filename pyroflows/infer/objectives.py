@@ -38,11 +38,16 @@ from typing import Any
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.torch_distribution import ExpandedDistribution, MaskedDistribution
 from pyro.infer.elbo import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
+from torch.distributions import Independent, TransformedDistribution
+
+from ..distribution import FlowDistribution
+from ..transforms.base import has_inverse
 
 __all__ = ["IWAE", "STL_ELBO", "log_importance_weights"]
 
@@ -141,12 +146,18 @@ def _run_particles(
     kwargs: dict,
     num_particles: int,
     max_plate_nesting: int,
+    inverting: str | None = None,
 ) -> _Particles:
+    """Trace the guide and the model against it; ``inverting``: the name of an objective that
+    will replay the guide with frozen parameters, which checks the guide can (before the model
+    runs)."""
     if isinstance(poutine.unwrap(guide), poutine.messenger.Messenger):
         raise NotImplementedError("pyroflows objectives do not support GuideMessenger guides")
     vmodel = _particle_plate(model, num_particles, max_plate_nesting)
     vguide = _particle_plate(guide, num_particles, max_plate_nesting)
     raw_guide_trace = poutine.trace(vguide).get_trace(*args, **kwargs)
+    if inverting is not None:
+        _check_invertible(raw_guide_trace, inverting)
     model_trace = poutine.trace(poutine.replay(vmodel, trace=raw_guide_trace)).get_trace(
         *args, **kwargs
     )
@@ -388,6 +399,43 @@ def _check_reparameterised(particles: _Particles, what: str) -> None:
             )
 
 
+def _one_way_transforms(fn: Any) -> list[str]:
+    """Names of the transforms without an inverse inside a site's distribution (looking
+    through ``Independent``, expanded and masked wrappers and nested transformed
+    distributions; a flow's base distribution is not a transformed one)."""
+    names: list[str] = []
+    while fn is not None:
+        if isinstance(fn, TransformedDistribution):
+            names += [type(t).__name__ for t in fn.transforms if not has_inverse(t)]
+            if isinstance(fn, FlowDistribution):
+                break
+        elif not isinstance(fn, (Independent, ExpandedDistribution, MaskedDistribution)):
+            break
+        fn = fn.base_dist
+    return names
+
+
+def _check_invertible(guide_trace: Trace, objective: str) -> None:
+    """Refuse, before the model runs, a guide that the frozen replay could not score.
+
+    STL and DReG evaluate ``log q`` at the guide's samples with the parameters stopped: a
+    replayed guide that has not seen the samples, so its transforms must invert them.
+    """
+    for site in _sample_sites(guide_trace):
+        if site["is_observed"]:
+            continue
+        names = _one_way_transforms(site["fn"])
+        if names:
+            raise ValueError(
+                f"{objective}: expected a guide whose transforms have inverses (it evaluates "
+                "log q at the guide's samples with the guide's parameters stopped, by replaying "
+                f"the guide, which inverts its transforms); got guide site {site['name']!r} "
+                f"with {', '.join(sorted(set(names)))}, which has no inverse: use "
+                "pyro.infer.Trace_ELBO or IWAE(estimator='standard'), or a flow whose "
+                "transforms invert (e.g. pf.IAF, pf.NSF, pf.RealNVP)"
+            )
+
+
 # ----------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------
@@ -468,11 +516,19 @@ class _ParticleObjective(ELBO):
             max_plate_nesting=_check_max_plate_nesting(max_plate_nesting),
         )
 
-    def _particles(self, model: Callable, guide: Callable, args, kwargs) -> _Particles:
+    def _particles(
+        self, model: Callable, guide: Callable, args, kwargs, inverting: str | None = None
+    ) -> _Particles:
         if self.max_plate_nesting == math.inf:
             self.max_plate_nesting = _guess_max_plate_nesting(model, guide, args, kwargs)
         return _run_particles(
-            model, guide, args, kwargs, self.num_particles, int(self.max_plate_nesting)
+            model,
+            guide,
+            args,
+            kwargs,
+            self.num_particles,
+            int(self.max_plate_nesting),
+            inverting,
         )
 
     def _get_trace(self, model, guide, args, kwargs):
@@ -608,7 +664,8 @@ class IWAE(_ParticleObjective):
         self.estimator = estimator
 
     def _loss_and_surrogate(self, model, guide, args, kwargs, grad: bool):
-        particles = self._particles(model, guide, args, kwargs)
+        inverting = "IWAE(estimator='dreg')" if grad and self.estimator == "dreg" else None
+        particles = self._particles(model, guide, args, kwargs, inverting)
         weights = _weights(particles, plate_aware=True)
         log_z = _log_mean_exp(weights.log_w, particles, weights.scale)  # (1, *plates)
         value = log_z.sum()
@@ -702,7 +759,7 @@ class STL_ELBO(_ParticleObjective):
         super().__init__(num_particles, max_plate_nesting)
 
     def _loss_and_surrogate(self, model, guide, args, kwargs, grad: bool):
-        particles = self._particles(model, guide, args, kwargs)
+        particles = self._particles(model, guide, args, kwargs, "STL_ELBO" if grad else None)
         keep = (particles.particle_dim,)
         log_p = _reduce(_sample_sites(particles.model_trace), particles, keep)
         log_q = _reduce(_sample_sites(particles.guide_trace), particles, keep)

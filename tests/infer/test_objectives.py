@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro.distributions import constraints
-from pyro.distributions.transforms import AffineAutoregressive
+from pyro.distributions.transforms import AffineAutoregressive, Planar
 from pyro.infer import SVI, Trace_ELBO
 from pyro.nn import AutoRegressiveNN
 
@@ -581,6 +581,52 @@ def test_parameters_are_unfrozen_when_the_replay_raises(objective):
     with pytest.raises(RuntimeError, match="boom"):
         objective.loss_and_grads(model, guide, X)
     assert all(p.requires_grad for _, p in pyro.get_param_store().named_parameters())
+
+
+def planar_guide(model):
+    """An AutoFlowGuide over a flow without an inverse (Pyro's planar transform)."""
+    return pf.infer.AutoFlowGuide(model, flow=pf.Flow([Planar(2)], dim=2))
+
+
+def planar_model():
+    pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+
+@pytest.mark.parametrize(
+    ("objective", "name"),
+    [
+        (lambda: STL_ELBO(2, max_plate_nesting=0), "STL_ELBO"),
+        (lambda: IWAE(4, "dreg", max_plate_nesting=0), r"IWAE\(estimator='dreg'\)"),
+    ],
+    ids=["STL_ELBO", "IWAE-dreg"],
+)
+def test_a_guide_flow_without_an_inverse_is_refused_by_the_objectives_that_invert(objective, name):
+    """They score the guide's draws with stopped parameters, i.e. by inverting the flow (this
+    raised Pyro's opaque KeyError from the planar transform's cache)."""
+    runs = []
+
+    def counted_model():
+        runs.append(1)
+        planar_model()
+
+    guide = planar_guide(counted_model)
+    guide()  # builds the guide (one unvectorised run of the model, for the prototype)
+    runs.clear()
+    svi = SVI(counted_model, guide, pyro.optim.Adam({"lr": 0.01}), objective())
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}: expected a guide whose transforms have inverses.*Planar, which has no",
+    ):
+        svi.step()
+    assert not runs  # refused before the model ran
+    assert math.isfinite(svi.evaluate_loss())  # the bound itself needs no inverse
+
+
+@pytest.mark.parametrize("objective", [lambda: IWAE(4), Trace_ELBO], ids=["IWAE", "Trace_ELBO"])
+def test_a_guide_flow_without_an_inverse_trains_with_objectives_that_do_not_invert(objective):
+    guide = planar_guide(planar_model)
+    svi = SVI(planar_model, guide, pyro.optim.Adam({"lr": 0.01}), objective())
+    assert all(math.isfinite(svi.step()) for _ in range(3))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import copy
 import pickle
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -10,13 +11,16 @@ import torch
 from pyro.distributions.conditional import ConditionalTransformedDistribution
 from pyro.infer import SVI, Trace_ELBO
 
+import pyroflows as pf
 from pyroflows.transforms import (
     AffineCoupling,
     ConditionedTransform,
+    FlowTransform,
     LULinear,
     Permutation,
     coupling_mask,
 )
+from pyroflows.transforms.base import has_inverse
 
 
 def perturbed(t, scale=0.3):
@@ -175,3 +179,92 @@ def test_svi_with_a_flow_guide_over_several_steps():
     # Monte Carlo error on the mean is ~0.02; the flow must have moved from N(0, I) to the target.
     torch.testing.assert_close(samples.mean(0), target.mean, atol=0.15, rtol=0)
     assert torch.corrcoef(samples.T)[0, 1] > 0.5
+
+
+# -- one-way transforms, has_inverse, sign and torch.jit.trace ------------------------------------
+class OneWayShift(FlowTransform):
+    """``y = x + shift``, declared one-way: the contract's example of a transform without an
+    inverse (it implements the forward map only)."""
+
+    inverse_kind = "none"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(event_shape=(dim,))
+        self.shift = torch.nn.Parameter(torch.zeros(dim))
+
+    def _forward_and_log_det(self, x, context):
+        return x + self.shift, x.new_zeros(x.shape[:-1])
+
+
+def test_a_one_way_transform_scores_its_own_samples_and_refuses_other_points():
+    t = OneWayShift(2)
+    flow = pf.Flow([t], dim=2)
+    d = flow()
+    z = d.rsample((4,))
+    torch.testing.assert_close(d.log_prob(z), d.base_dist.log_prob(z - t.shift))
+    with pytest.raises(NotImplementedError, match=r"OneWayShift has no inverse \(inverse_kind"):
+        d.log_prob(torch.randn(3, 2))
+    with torch.no_grad():
+        t.shift.add_(1.0)
+    with pytest.raises(NotImplementedError, match="changed since it drew this point"):
+        d.log_prob(z)
+    with pytest.raises(NotImplementedError, match="OneWayShift has no inverse"):
+        t.inverse_and_log_det(torch.randn(3, 2))
+    with pytest.raises(NotImplementedError, match="OneWayShift has no inverse"):
+        t.inv(torch.randn(3, 2))
+
+
+def test_has_inverse():
+    from pyro.distributions import transforms as T
+
+    ours = AffineCoupling(2, hidden=(8,))
+    assert has_inverse(ours) and has_inverse(ours.condition(None)) and has_inverse(ours.inv)
+    assert not has_inverse(OneWayShift(2)) and not has_inverse(OneWayShift(2).with_cache(1))
+    one_way = [
+        T.planar(2),
+        T.radial(2),
+        T.sylvester(2),
+        T.polynomial(2),
+        T.block_autoregressive(2),
+        T.neural_autoregressive(2),
+        T.conditional_planar(2, 3),
+        T.conditional_radial(2, 3),
+        T.conditional_neural_autoregressive(2, 3),
+    ]
+    for t in one_way:
+        assert not has_inverse(t), type(t).__name__
+    assert not has_inverse(dist.transforms.ComposeTransform([T.ExpTransform(), T.Planar(2)]))
+    assert has_inverse(T.Planar(2).inv)  # its inverse is the planar forward map
+    invertible = [T.ExpTransform(), T.affine_coupling(2), T.conditional_affine_coupling(2, 3)]
+    assert all(has_inverse(t) for t in invertible)
+    with pytest.raises(TypeError, match="has_inverse: expected a torch or Pyro transform"):
+        has_inverse(torch.nn.Linear(2, 2))
+
+
+def test_sign_is_absent_rather_than_raising():
+    t = AffineCoupling(2, hidden=(8,))
+    assert not hasattr(t, "sign")  # torch's Transform.sign raised NotImplementedError
+
+
+def test_jit_trace_of_a_module_holding_a_flow():
+    """``torch.jit.trace`` probes every attribute of every module (``hasattr``): a transform's
+    ``sign`` raised NotImplementedError there."""
+
+    class Density(torch.nn.Module):
+        def __init__(self, flow):
+            super().__init__()
+            self.flow = flow
+
+        def forward(self, x):
+            return self.flow().log_prob(x)
+
+    torch.manual_seed(0)
+    for flow in (pf.RealNVP(2, layers=2, hidden=(8,)), pf.MAF(3, layers=2, hidden=(8,))):
+        module = Density(perturbed(flow))
+        x = torch.randn(5, flow.dim)
+        with warnings.catch_warnings():
+            # torch.jit.trace is deprecated, and warns about Python-side shape checks
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(module, x)
+        other = torch.randn(7, flow.dim)
+        torch.testing.assert_close(traced(other), module(other))
