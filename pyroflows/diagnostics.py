@@ -20,11 +20,9 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
-import pyro.poutine as poutine
 import torch
-from pyro.poutine.util import prune_subsample_sites
 
-from .infer.evidence import DEFAULT_BATCH, _log_weights, _nesting
+from .infer.evidence import DEFAULT_BATCH, importance_draws
 
 __all__ = ["ESS", "PSIS", "importance_ess", "khat_reading", "psis_khat", "to_inference_data"]
 
@@ -101,7 +99,15 @@ def _from_dict(groups: dict[str, dict[str, np.ndarray]]):
 
 
 def _weights(model, guide, args, kwargs, num_samples, batch, max_plate_nesting) -> torch.Tensor:
-    log_w, _ = _log_weights(model, guide, args, kwargs, num_samples, batch, max_plate_nesting)
+    log_w = importance_draws(
+        model,
+        guide,
+        *args,
+        num_samples=num_samples,
+        batch=batch,
+        max_plate_nesting=max_plate_nesting,
+        **kwargs,
+    ).log_weights
     if not torch.isfinite(log_w).any():
         raise ValueError(
             "the guide's draws all have non-finite log weights (log p - log q); check that the "
@@ -138,7 +144,7 @@ def psis_khat(
         **kwargs: passed to the model and guide.
 
     Returns:
-        A :class:`PSIS` ``(khat, reading)``.
+        A :class:`PSIS`: read ``.khat`` (the estimate) and ``.reading`` (what it means).
 
     References:
         Yes, but Did It Work?: Evaluating Variational Inference (Yao, Vehtari, Simpson and
@@ -205,20 +211,6 @@ def importance_ess(
     return ESS(ess, ess / num_samples)
 
 
-def _latent_shapes(model, guide, args, kwargs) -> dict[str, torch.Size]:
-    """The model's latent sample sites and their unvectorised shapes, from one run."""
-    with torch.no_grad(), poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    return {
-        name: site["value"].shape
-        for name, site in prune_subsample_sites(model_trace).nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
-    }
-
-
 def to_inference_data(
     model: Callable,
     guide: Callable,
@@ -264,18 +256,19 @@ def to_inference_data(
         >>> bool((data.posterior["scale"] > 0).all())
         True
     """
-    shapes = _latent_shapes(model, guide, args, kwargs)
-    if not shapes:
-        raise ValueError("model: expected at least one latent sample site; found none")
-    nesting = _nesting(model, guide, args, kwargs, max_plate_nesting)
-    log_w, values = _log_weights(
-        model, guide, args, kwargs, num_samples, batch, nesting, draws=shapes
+    draws = importance_draws(
+        model,
+        guide,
+        *args,
+        num_samples=num_samples,
+        batch=batch,
+        max_plate_nesting=max_plate_nesting,
+        latents=True,
+        **kwargs,
     )
     groups = {
-        "posterior": {
-            name: torch.cat(chunks).unsqueeze(0).numpy() for name, chunks in values.items()
-        }
+        "posterior": {name: value.unsqueeze(0).numpy() for name, value in draws.latents.items()}
     }
     if log_weights:
-        groups["sample_stats"] = {"log_weight": log_w.unsqueeze(0).numpy()}
+        groups["sample_stats"] = {"log_weight": draws.log_weights.unsqueeze(0).numpy()}
     return _from_dict(groups)

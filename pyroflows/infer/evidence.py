@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyro.poutine as poutine
 import torch
@@ -29,8 +29,9 @@ from pyro.poutine.util import prune_subsample_sites
 from .._checks import check_positive_int
 from .objectives import _guess_max_plate_nesting, log_importance_weights
 
-__all__ = ["log_evidence"]
+__all__ = ["DEFAULT_BATCH", "ImportanceDraws", "importance_draws", "log_evidence"]
 
+#: particles per vectorised chunk, unless told otherwise
 DEFAULT_BATCH = 1000
 
 
@@ -50,39 +51,104 @@ def _nesting(model: Callable, guide: Callable, args, kwargs, max_plate_nesting: 
         return _guess_max_plate_nesting(model, guide, args, kwargs)
 
 
-def _log_weights(
+def _latent_shapes(model: Callable, guide: Callable, args, kwargs) -> dict[str, torch.Size]:
+    """The model's latent sample sites and their unvectorised shapes, from one run."""
+    with torch.no_grad(), poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    return {
+        name: site["value"].shape
+        for name, site in prune_subsample_sites(model_trace).nodes.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
+
+
+class ImportanceDraws(NamedTuple):
+    """Guide draws and their joint log importance weights (see :func:`importance_draws`).
+
+    Attributes:
+        log_weights: ``log p(x, z_i) - log q(z_i)``, a float64 CPU tensor of shape
+            ``(num_samples,)``.
+        latents: for each latent sample site of the model, its values of the same draws in
+            the constrained space (what the model sees), a CPU tensor of shape
+            ``(num_samples, *site_shape)``; empty unless asked for.
+    """
+
+    log_weights: torch.Tensor
+    latents: dict[str, torch.Tensor]
+
+
+def importance_draws(
     model: Callable,
     guide: Callable,
-    args: tuple,
-    kwargs: dict,
+    *args: Any,
     num_samples: int,
-    batch: int,
-    max_plate_nesting: int | None,
-    draws: dict[str, torch.Size] | None = None,
-) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-    """``num_samples`` joint log weights, ``batch`` particles (vectorised) at a time.
+    batch: int = DEFAULT_BATCH,
+    max_plate_nesting: int | None = None,
+    latents: bool = False,
+    **kwargs: Any,
+) -> ImportanceDraws:
+    r"""``num_samples`` guide draws with their joint log importance weights, in chunks.
 
-    Returns the weights as a float64 CPU tensor of shape ``(num_samples,)`` and, for each site
-    named in ``draws`` (a model latent site and its unvectorised shape), the model's values of
-    the same particles, as a list of ``(batch_i, *shape)`` chunks.
+    The guide is drawn from ``batch`` particles at a time, each chunk vectorised with
+    :func:`~pyroflows.infer.objectives.log_importance_weights` (memory grows with ``batch``,
+    not ``num_samples``), and the model replayed against it: each draw :math:`z_i` gets its
+    joint log weight :math:`\log p(x, z_i) - \log q(z_i)`, with Pyro's scales and masks. No
+    gradients are recorded. This is what :func:`log_evidence` and the diagnostics of
+    :mod:`pyroflows.diagnostics` (PSIS k-hat, importance ESS, ArviZ export) read.
+
+    Args:
+        model: a Pyro model (with its data, through ``args``/``kwargs``, observed).
+        guide: a guide over the model's latent sites.
+        *args: passed to the model and guide.
+        num_samples: number of draws (at least 2).
+        batch: particles per vectorised chunk.
+        max_plate_nesting: the deepest plate nesting in the model and guide; ``None`` guesses
+            it from one unvectorised run.
+        latents: also return the model's values of every latent site for the same draws
+            (found from one more unvectorised run).
+        **kwargs: passed to the model and guide.
+
+    Returns:
+        An :class:`ImportanceDraws` ``(log_weights, latents)``.
+
+    Raises:
+        ValueError: for counts that are not positive integers, fewer than 2 draws, or, with
+            ``latents``, a model without latent sample sites.
+
+    Example:
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> from pyroflows.infer.evidence import importance_draws
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(0.0, 1.0))
+        >>> draws = importance_draws(model, model, num_samples=6, batch=4, latents=True)
+        >>> draws.log_weights  # the guide is the model: every weight is 1
+        tensor([0., 0., 0., 0., 0., 0.], dtype=torch.float64)
+        >>> draws.latents["z"].shape
+        torch.Size([6])
     """
     _check_counts(num_samples, batch)
+    shapes = _latent_shapes(model, guide, args, kwargs) if latents else {}
+    if latents and not shapes:
+        raise ValueError("model: expected at least one latent sample site; found none")
     nesting = _nesting(model, guide, args, kwargs, max_plate_nesting)
     chunks: list[torch.Tensor] = []
-    values: dict[str, list[torch.Tensor]] = {name: [] for name in draws or {}}
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in shapes}
     with torch.no_grad():
         for start in range(0, num_samples, batch):
             k = min(batch, num_samples - start)
             # With max_plate_nesting given, log_importance_weights runs the model exactly once
             # (vectorised over the k particles); tracing it there reads the values it weighed.
-            traced = poutine.trace(model) if draws else model
+            traced = poutine.trace(model) if shapes else model
             log_w = log_importance_weights(
                 traced, guide, *args, num_particles=k, max_plate_nesting=nesting, **kwargs
             )
             chunks.append(log_w.detach().to("cpu", torch.float64))
-            if draws:
+            if shapes:
                 sites = prune_subsample_sites(traced.trace).nodes
-                for name, shape in draws.items():
+                for name, shape in shapes.items():
                     value = sites[name]["value"].detach()
                     if value.numel() != k * shape.numel():
                         raise RuntimeError(
@@ -90,7 +156,9 @@ def _log_weights(
                             f"value of shape {tuple(value.shape)}"
                         )
                     values[name].append(value.reshape(k, *shape).cpu())
-    return torch.cat(chunks), values
+    return ImportanceDraws(
+        torch.cat(chunks), {name: torch.cat(parts) for name, parts in values.items()}
+    )
 
 
 def _logmeanexp_and_se(log_w: torch.Tensor) -> tuple[float, float]:
@@ -160,5 +228,13 @@ def log_evidence(
         >>> abs(estimate - exact) < 1e-5 and se < 1e-5  # exact guide: every weight is p(x)
         True
     """
-    log_w, _ = _log_weights(model, guide, args, kwargs, num_samples, batch, max_plate_nesting)
-    return _logmeanexp_and_se(log_w)
+    draws = importance_draws(
+        model,
+        guide,
+        *args,
+        num_samples=num_samples,
+        batch=batch,
+        max_plate_nesting=max_plate_nesting,
+        **kwargs,
+    )
+    return _logmeanexp_and_se(draws.log_weights)
