@@ -13,7 +13,6 @@ produce (:func:`has_inverse`).
 from __future__ import annotations
 
 import operator
-import weakref
 from typing import ClassVar, Literal
 
 import torch
@@ -132,13 +131,16 @@ class _Slots:
             return False
 
 
-_SLOTS: weakref.WeakKeyDictionary[nn.Module, _Slots] = weakref.WeakKeyDictionary()
+# Kept on the module itself (not in a global table, which would keep alive any module one of
+# whose submodules refers back to it); FlowTransform.__getstate__ leaves it out.
+_SLOTS = "_pyroflows_slots"
 
 
 def _slots(module: nn.Module) -> _Slots:
-    slots = _SLOTS.get(module)
+    slots = vars(module).get(_SLOTS)
     if slots is None:
-        slots = _SLOTS[module] = _Slots(module)
+        slots = _Slots(module)
+        setattr(module, _SLOTS, slots)
     return slots
 
 
@@ -256,10 +258,10 @@ class ParameterState:
         if self._grad != grad and not self._closed:
             return False
         slots = self._slots
-        if _SLOTS.get(module) is not slots:
+        if vars(module).get(_SLOTS) is not slots:
             return False
         if not slots.current():
-            _SLOTS.pop(module, None)  # a tensor or submodule was replaced: find them afresh
+            delattr(module, _SLOTS)  # a tensor or submodule was replaced: find them afresh
             return False
         tensors = slots.tensor_objects
         if [t._version for t in tensors] != self._versions:
@@ -397,6 +399,7 @@ class _FusedCalls:
         # Cached tensors carry autograd graphs that can be neither pickled nor deep-copied.
         state = Transform.__getstate__(self)
         state["_kept"] = None
+        state.pop(_SLOTS, None)
         if "_cached_x_y" in state:
             state["_cached_x_y"] = (None, None)
         return state
