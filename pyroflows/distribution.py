@@ -34,7 +34,7 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch.distributions import Independent, Transform
 
 from .bases import tempered
-from .transforms.base import ConditionedTransform, FlowTransform, ParameterState
+from .transforms.base import ConditionedTransform, FlowTransform, ParameterState, has_inverse
 
 __all__ = ["FlowDistribution"]
 
@@ -215,8 +215,8 @@ class FlowDistribution(dist.TransformedDistribution):
             t.condition(context) if isinstance(t, ConditionalTransform) else t for t in flow._chain
         ]
         live = _LiveBase(flow, context, temperature)
-        state = live.state()
         raw = live.build()
+        state = live.state()
         simple = flow._simple and raw.event_shape == flow.event_shape
         d = cls(raw, parts, simple=simple)
         adapted = d._fixed
@@ -310,12 +310,11 @@ class FlowDistribution(dist.TransformedDistribution):
             self._validate_sample(value)
         # The distribution's latest sample: one check of the flow's state for all its layers.
         drawn, trusted = self._drawn, None
-        if (
-            drawn is not None
-            and drawn.y is value
-            and drawn.state.holds(self._live.root, self._live.context)
-        ):
-            trusted = drawn.state
+        if drawn is not None and drawn.y is value:
+            if drawn.state.holds(self._live.root, self._live.context):
+                trusted = drawn.state
+            elif not self._simple:
+                self._forget_foreign()
         log_prob: torch.Tensor | float = 0.0
         y = value
         if self._simple:  # every layer fused, on the flow's events: no shape bookkeeping
@@ -336,6 +335,22 @@ class FlowDistribution(dist.TransformedDistribution):
             y = x
         base = drawn.base if trusted is not None and y is drawn.x else self._base()
         return log_prob + _sum_rightmost(base.log_prob(y), event_dim - len(base.event_shape))
+
+    def _forget_foreign(self) -> None:
+        """The latest sample is scored after the flow (or the grad mode) changed: drop what
+        layers that are not ours cached of it (torch's one-pair cache, keyed on the input
+        alone, would answer with the old pass), or say why it cannot be scored."""
+        for transform in self.transforms:
+            if isinstance(transform, _FUSED) or not getattr(transform, "_cache_size", 0):
+                continue
+            if not has_inverse(transform):
+                raise NotImplementedError(
+                    f"{self._name}: {type(transform).__name__} has no inverse, and the flow's "
+                    "parameters (or the grad mode) changed since this sample was drawn, so its "
+                    "cached pass no longer applies: call the flow again and score samples "
+                    "drawn from that distribution"
+                )
+            transform._cached_x_y = None, None
 
     def _checked(self, value: torch.Tensor) -> torch.Tensor:
         """``value`` in the flow's dtype, its shape checked against the batch and event shapes."""

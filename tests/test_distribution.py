@@ -393,3 +393,23 @@ def test_a_flow_moved_after_the_distribution_was_made_is_refused():
             use()
     d = flow(torch.randn(4, CONTEXT))  # called again, it is right
     assert d.log_prob(torch.randn(4, DIM)).dtype == torch.float64
+
+
+def test_a_kept_flow_with_a_one_way_foreign_transform_refuses_a_stale_sample():
+    """Pyro's planar transform caches its last pass keyed on the input alone: after a
+    parameter change it would score an old sample from that pass; a fresh flow cannot score it
+    at all (no inverse), and the kept one says so."""
+    torch.manual_seed(0)
+    planar = dist.transforms.Planar(2)
+    flow = pf.Flow([pf.transforms.AffineCoupling(2, hidden=(8,)), planar], dim=2)
+    d = flow()
+    z = d.rsample((4,))
+    first = d.log_prob(z)
+    torch.testing.assert_close(d.log_prob(z), first)  # its own sample, from the cache
+    with torch.no_grad():
+        planar.u.add_(0.5)
+    with pytest.raises(NotImplementedError, match="Planar has no inverse, and the flow's param"):
+        d.log_prob(z)
+    fresh = flow()
+    z = fresh.rsample((4,))
+    assert torch.isfinite(fresh.log_prob(z)).all()
