@@ -220,13 +220,14 @@ class FlowDistribution(dist.TransformedDistribution):
         simple = flow._simple and raw.event_shape == flow.event_shape
         d = cls(raw, parts, simple=simple)
         adapted = d._fixed
-        # What TransformedDistribution did to the base (expand it, make batch dims event dims),
-        # so that every later build matches it.
-        n = len(adapted.event_shape) - len(raw.event_shape)
-        full = adapted.batch_shape + adapted.event_shape
-        shape = full[: len(full) - len(raw.event_shape)]
-        live.shape = None if shape == raw.batch_shape else shape
-        live.reinterpreted = adapted.event_shape[:n]
+        if adapted is not raw:
+            # What TransformedDistribution did to the base (expand it, make batch dims event
+            # dims), so that every later build matches it.
+            n = len(adapted.event_shape) - len(raw.event_shape)
+            full = adapted.batch_shape + adapted.event_shape
+            shape = full[: len(full) - len(raw.event_shape)]
+            live.shape = None if shape == raw.batch_shape else shape
+            live.reinterpreted = adapted.event_shape[:n]
         d._live, d._fixed = live, None
         d._built = _Built(adapted, state, fresh=True)
         d._dtype = dtype
@@ -250,12 +251,15 @@ class FlowDistribution(dist.TransformedDistribution):
         if live is None:
             return self._fixed
         built = self._built
-        if built is not None and (built.fresh or not built.state.graph) and live.holds(built.state):
+        if (
+            built is not None
+            and (built.fresh or not built.state.graph)
+            and built.state.holds(live.module, live.context)
+        ):
             built.fresh = False
             return built.dist
-        state = live.state()
         d = live.build()
-        self._built = _Built(d, state)
+        self._built = _Built(d, live.state())
         return d
 
     @property
@@ -357,16 +361,17 @@ class FlowDistribution(dist.TransformedDistribution):
         name = self._name
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{name}: expected the value to score as a tensor; got {type(value)}")
-        if self._dtype is not None:
+        if self._dtype is not None and value.dtype != self._dtype:
             value = _as_dtype(name, "value", value, self._dtype)
         event, batch = self.event_shape, self.batch_shape
         shape = value.shape
         n = len(event)
-        rows = shape[: len(shape) - n]
-        pairs = zip(reversed(rows), reversed(batch), strict=False)
-        if len(shape) < n or shape[len(shape) - n :] != event:
+        if shape[len(shape) - n :] != event or len(shape) < n:
             why = f"(event shape {tuple(event)})"
-        elif any(a != b and a != 1 and b != 1 for a, b in pairs):
+        elif batch and any(
+            a != b and a != 1 and b != 1
+            for a, b in zip(reversed(shape[: len(shape) - n]), reversed(batch), strict=False)
+        ):
             why = (
                 f"whose batch dimensions broadcast with the batch shape {tuple(batch)} (the "
                 "rows of the context)"

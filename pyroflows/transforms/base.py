@@ -88,10 +88,9 @@ class _OptimiserSteps:
     handle = None
 
     @classmethod
-    def now(cls) -> int:
+    def watch(cls) -> None:
         if cls.handle is None:
             cls.handle = register_optimizer_step_post_hook(cls._count)
-        return cls.count
 
     @staticmethod
     def _count(optimizer, args, kwargs) -> None:
@@ -142,10 +141,6 @@ def _slots(module: nn.Module) -> _Slots:
         slots = _Slots(module)
         setattr(module, _SLOTS, slots)
     return slots
-
-
-def _context_mark(context: torch.Tensor | None) -> tuple | None:
-    return None if context is None else (id(context), context._version, context.requires_grad)
 
 
 class ParameterState:
@@ -227,7 +222,11 @@ class ParameterState:
             context: the context it was computed for, or ``None``.
             closed: see :meth:`pending`.
         """
-        state = cls.pending(closed=closed)
+        state = cls.__new__(cls)
+        state._grad = torch.is_grad_enabled()
+        state._closed = closed
+        state._taken = False
+        state.graph = True
         state.take(module, context)
         return state
 
@@ -236,12 +235,17 @@ class ParameterState:
         may initialise parameters, as ActNorm does)."""
         if torch.compiler.is_compiling():
             return
-        self._steps = _OptimiserSteps.now()
-        slots = self._slots = _slots(module)
+        if _OptimiserSteps.handle is None:
+            _OptimiserSteps.watch()
+        self._steps = _OptimiserSteps.count
+        slots = vars(module).get(_SLOTS) or _slots(module)
+        self._slots = slots
         tensors = slots.tensor_objects
         self._versions = [t._version for t in tensors]
         self._flags = [t.requires_grad for t in tensors] if self._grad or self._closed else None
-        self._context = _context_mark(context)
+        self._context = (
+            None if context is None else (id(context), context._version, context.requires_grad)
+        )
         if self._closed:
             needs_grad = any(self._flags) or bool(self._context and self._context[2])
             self.graph = self._grad and needs_grad
@@ -269,7 +273,9 @@ class ParameterState:
         flags = self._flags
         if flags is not None and [t.requires_grad for t in tensors] != flags:
             return False
-        return _context_mark(context) == self._context
+        if context is None:
+            return self._context is None
+        return (id(context), context._version, context.requires_grad) == self._context
 
 
 # -- caching --------------------------------------------------------------------------------------
@@ -381,8 +387,13 @@ class _FusedCalls:
         layer. A sample this transform drew is answered from the cache while its state holds
         (a caller that has checked a shared state passes it as ``trusted``); any other point is
         inverted afresh, and nothing is kept."""
-        kept = self._drawn_from(y, trusted)
-        if kept is not None:
+        kept = self._kept
+        if (
+            kept is not None
+            and kept.y is y
+            and kept.drawn
+            and ((trusted is not None and kept.state is trusted) or kept.holds())
+        ):
             return kept.x, kept.ladj
         x, inverse_ladj = self._invert(y)
         return x, -inverse_ladj
