@@ -7,6 +7,7 @@ nonlinearities (``LeakyReLU``, ``Sigmoid``, ``Logit``), which have no parameters
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -265,7 +266,28 @@ def _logit_and_log_det(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 _OPEN_UNIT_VECTOR = constraints.independent(constraints.unit_interval, 1)
 
 
-class Sigmoid(FlowTransform):
+class _ParameterFree(FlowTransform):
+    """A fixed elementwise map of vectors of any size: no parameters, hence nothing to condition.
+
+    Such a transform sits in a conditional flow as it is (an unconditional transform ignores
+    the context), so a ``context_dim`` is refused rather than accepted and then demanded.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        name = type(self).__name__
+        context_dim = kwargs.pop("context_dim", 0)
+        if kwargs:
+            raise TypeError(f"{name}: expected no arguments; got {', '.join(kwargs)}")
+        if context_dim != 0:
+            raise ValueError(
+                f"{name}: expected no context_dim (it has no parameters to condition; in a "
+                "conditional flow it passes the context by, as every unconditional transform "
+                f"does); got context_dim={context_dim!r}"
+            )
+        super().__init__()
+
+
+class Sigmoid(_ParameterFree):
     """Logistic sigmoid, a bijection from the real line onto the open unit interval.
 
     * map: ``y = 1 / (1 + exp(-x))``
@@ -274,7 +296,7 @@ class Sigmoid(FlowTransform):
 
     Both directions cost one elementwise pass. Outputs are clamped to
     ``[tiny, 1 - eps]`` of their dtype, so the inverse stays finite where the sigmoid rounds to 0
-    or 1. Parameter-free; accepts vectors of any size.
+    or 1. Parameter-free, and so takes no ``context_dim``; accepts vectors of any size.
 
     Example:
         >>> import torch
@@ -292,7 +314,7 @@ class Sigmoid(FlowTransform):
         return _logit_and_log_det(y)
 
 
-class Logit(FlowTransform):
+class Logit(_ParameterFree):
     """Logit, a bijection from the open unit interval onto the real line (inverse of Sigmoid).
 
     * map: ``y = log(x) - log(1 - x)``
@@ -301,7 +323,8 @@ class Logit(FlowTransform):
 
     Both directions cost one elementwise pass. Inputs are clamped to ``[tiny, 1 - eps]`` of
     their dtype so that the map is finite at the rounding edges. Use it to send data on
-    ``(0, 1)`` (e.g. dequantised pixels) to an unbounded space. Parameter-free.
+    ``(0, 1)`` (e.g. dequantised pixels) to an unbounded space. Parameter-free, and so takes no
+    ``context_dim``.
 
     Example:
         >>> import torch

@@ -89,6 +89,22 @@ def test_sigmoid_and_logit_are_inverse_of_each_other():
     assert Sigmoid().codomain.check(Sigmoid()(x)).all()
 
 
+@pytest.mark.parametrize("cls", [Sigmoid, Logit])
+def test_sigmoid_and_logit_refuse_a_context(cls):
+    """They have no parameters to condition: a context_dim is refused at construction, not
+    accepted and then demanded on every call."""
+    message = rf"{cls.__name__}: expected no context_dim .*got context_dim=3"
+    with pytest.raises(ValueError, match=message):
+        cls(context_dim=3)
+    with pytest.raises(TypeError, match=f"{cls.__name__}: expected no arguments; got event_shape"):
+        cls(event_shape=(2,))
+    t = cls(context_dim=0)  # asks for nothing: accepted, as before
+    assert t.context_dim == 0
+    x = torch.full((3, 2), 0.25)
+    # in a conditional stack it passes the context by, as every unconditional transform does
+    assert torch.equal(t.condition(torch.randn(3, 5))(x), t(x))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_sinh_arcsinh_is_finite_far_in_the_tails(dtype):
     torch.manual_seed(0)
