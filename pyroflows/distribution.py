@@ -45,15 +45,19 @@ class _LiveBase:
     """How to build the base distribution now: the flow's base module called on the context,
     tempered, then reshaped as ``TransformedDistribution`` reshaped it at construction."""
 
-    __slots__ = ("context", "module", "reinterpreted", "root", "shape", "temperature")
+    __slots__ = ("context", "reinterpreted", "root", "shape", "temperature")
 
     def __init__(self, root, context, temperature) -> None:
         self.root = root  # the flow
-        self.module = root.base
         self.context = context
         self.temperature = temperature
         self.shape: torch.Size | None = None  # the batch shape to expand to, if any
         self.reinterpreted = torch.Size()  # trailing batch dims made event dims, if any
+
+    @property
+    def module(self):
+        """The flow's base module, read at use (a base the flow was given since counts)."""
+        return self.root.base
 
     def build(self) -> dist.Distribution:
         d = tempered(self.module(self.context), self.temperature)

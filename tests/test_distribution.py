@@ -413,3 +413,15 @@ def test_a_kept_flow_with_a_one_way_foreign_transform_refuses_a_stale_sample():
     fresh = flow()
     z = fresh.rsample((4,))
     assert torch.isfinite(fresh.log_prob(z)).all()
+
+
+def test_a_base_given_to_the_flow_later_is_the_one_a_kept_distribution_uses():
+    flow = build("RealNVP", "normal", 0)
+    x = data(flow)
+    d = flow()
+    before = d.log_prob(x)
+    flow.base = pf.bases.DiagNormal(DIM).double()
+    with torch.no_grad():
+        flow.base.loc.fill_(1.0)
+    torch.testing.assert_close(d.log_prob(x), flow().log_prob(x))
+    assert not torch.allclose(d.log_prob(x), before)

@@ -158,8 +158,9 @@ class ParameterState:
       counters; see ``_OptimiserSteps``).
 
     :meth:`holds` is true while none of these has changed. Not seen: writes through ``.data``
-    (``p.data.add_(1)``, ``p.data = t``), which bypass the version counter; after those, call
-    the flow again. Inside ``torch.compile`` no snapshot is taken (reading version counters
+    (``p.data.add_(1)``, ``p.data = t``), which bypass the version counter, and parameters,
+    buffers or submodules added to a module after it was first watched; after those, call the
+    flow again. Inside ``torch.compile`` no snapshot is taken (reading version counters
     would recompile every step): a state taken while compiling holds while compiling, i.e.
     within the compiled computation, where the distribution lives.
 
