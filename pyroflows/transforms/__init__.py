@@ -1,53 +1,82 @@
 """Normalizing-flow building blocks, each a Pyro ``TransformModule``.
 
-The contract they keep is written once, in :class:`FlowTransform`.
+The contract they keep is written once, in :class:`FlowTransform`. Coupling, autoregressive and
+image-coupling transforms take their elementwise map as an argument (an
+:class:`ElementwiseMap`: :class:`Affine`, :class:`Additive`, :class:`RationalQuadraticSpline`,
+:class:`RationalLinearSpline`, or one of your own), e.g. ``Coupling(dim, Affine())``; the named
+classes (``AffineCoupling``, ``SplineAutoregressive``, ...) are those with a fixed map.
 """
 
-from .autoregressive import MaskedAffineAutoregressive
+from . import splines
+from .autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive
 from .base import ConditionedTransform, FlowTransform
-from .coupling import AdditiveCoupling, AffineCoupling, coupling_mask
+from .coupling import AdditiveCoupling, AffineCoupling, Coupling, coupling_mask
 from .elementwise import ActNorm, ElementwiseAffine, LeakyReLU, Logit, Sigmoid, SinhArcsinh
 from .image import (
     ActNorm2d,
     ImageAdditiveCoupling,
     ImageAffineCoupling,
+    ImageCoupling,
     ImageSigmoid,
     InvConv1x1,
     Squeeze,
     image_mask,
 )
 from .linear import LULinear, Permutation, QRLinear, Reverse
+from .maps import Additive, Affine, ElementwiseMap
 from .multiscale import FactorOut, Squeezed
-from .splines import SplineAutoregressive, SplineCoupling, SplineParams, rational_quadratic_spline
+from .splines import (
+    RationalLinearSpline,
+    RationalQuadraticSpline,
+    SplineAutoregressive,
+    SplineCoupling,
+    rational_linear_spline,
+    rational_quadratic_spline,
+)
 
 __all__ = [
     "ActNorm",
     "ActNorm2d",
+    "Additive",
     "AdditiveCoupling",
+    "Affine",
     "AffineCoupling",
     "ConditionedTransform",
+    "Coupling",
     "ElementwiseAffine",
+    "ElementwiseMap",
     "FactorOut",
     "FlowTransform",
     "ImageAdditiveCoupling",
     "ImageAffineCoupling",
+    "ImageCoupling",
     "ImageSigmoid",
     "InvConv1x1",
     "LULinear",
     "LeakyReLU",
     "Logit",
     "MaskedAffineAutoregressive",
+    "MaskedAutoregressive",
     "Permutation",
     "QRLinear",
+    "RationalLinearSpline",
+    "RationalQuadraticSpline",
     "Reverse",
     "Sigmoid",
     "SinhArcsinh",
     "SplineAutoregressive",
     "SplineCoupling",
-    "SplineParams",
     "Squeeze",
     "Squeezed",
     "coupling_mask",
     "image_mask",
+    "rational_linear_spline",
     "rational_quadratic_spline",
 ]
+
+
+def __getattr__(name: str):
+    # Names that changed, with the warning that says what replaced them (PEP 562).
+    if name == "SplineParams":
+        return splines._spline_params(stacklevel=3)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """Autoregressive transforms: each feature is mapped given the features before it in an order.
 
 A :class:`~pyroflows.nn.MADE` conditioner reads a vector ``v`` and returns, in one pass, the
-parameters ``h_i(v_<i, c)`` of an invertible elementwise map for every feature ``i``. The
+parameters ``h_i(v_<i, c)`` of an elementwise monotone map for every feature ``i``. The
 Jacobian is triangular in the autoregressive order, so log|det J| is the log|det| of the
 elementwise map alone. Which direction costs one conditioner pass depends on whether the
 conditioner reads the transform's input or its output (the *orientation*):
@@ -12,6 +12,11 @@ conditioner reads the transform's input or its output (the *orientation*):
 * ``"iaf"`` (inverse autoregressive flow): ``h`` reads the input ``x`` (the base side). The
   forward ``x -> y`` (sampling, and scoring one's own samples through Pyro's cache) is one pass;
   the inverse ``y -> x`` (scoring arbitrary points) is ``dim`` sequential passes.
+
+:class:`MaskedAutoregressive` takes the elementwise map as an argument, any
+:class:`~pyroflows.transforms.ElementwiseMap`; :class:`MaskedAffineAutoregressive` (MAF / IAF)
+is ``MaskedAutoregressive`` with the :class:`~pyroflows.transforms.Affine` map, as
+:class:`~pyroflows.transforms.SplineAutoregressive` is with the rational-quadratic spline.
 """
 
 from __future__ import annotations
@@ -24,62 +29,95 @@ from torch import nn
 from .._checks import broadcast_batch, check_positive_int
 from ..nn import MADE, OrderLike, _check_hidden
 from .base import FlowTransform
-from .elementwise import AffineParams
+from .maps import Affine, ElementwiseMap, check_map
 
-__all__ = ["MaskedAffineAutoregressive"]
+__all__ = ["MaskedAffineAutoregressive", "MaskedAutoregressive"]
 
 _ORIENTATIONS = ("maf", "iaf")
 
 
-class _Autoregressive(FlowTransform):
-    """Shared machinery: the MADE conditioner and the one-pass / sequential directions.
+class MaskedAutoregressive(FlowTransform):
+    """Masked autoregressive transform with any elementwise map: MAF or IAF, by ``orientation``.
 
-    A subclass (usually through a mixin from :mod:`.elementwise`, shared with the coupling
-    families) sets ``params_per_feature`` (conditioner outputs per feature) and implements
-    ``_elementwise(v, h) -> (w, ladj)`` and ``_elementwise_inverse(w, h) -> (v, ladj_inv)``, where
-    ``h`` has shape ``(*batch, dim, params_per_feature)`` (``(*batch, params_per_feature, dim)``
-    when the class sets ``param_major``) and ``v`` is already expanded to
-    ``h``'s batch shape. ``_elementwise`` is always the forward map (base -> data); the
-    orientation only decides whether the conditioner reads ``x`` (``"iaf"``) or ``y``
-    (``"maf"``).
+    With parameters ``h_i`` from a :class:`~pyroflows.nn.MADE` conditioner that reads ``u``
+    (``u = y`` for ``"maf"``, ``u = x`` for ``"iaf"``) and depends only on the features before
+    ``i`` in the order (and on the context ``c``), and ``g`` the elementwise monotone ``map``:
+
+    * map: ``y_i = g(x_i; h_i(u_<i, c))``
+    * inverse: ``x_i = g⁻¹(y_i; h_i(u_<i, c))``
+    * log|det J|: ``sum_i log g'(x_i; h_i(u_<i, c))`` (the Jacobian is triangular in the order)
+
+    **Which direction is fast.** ``orientation="maf"`` (the default): the inverse ``y -> x``,
+    i.e. density evaluation of data, is one conditioner pass; the forward ``x -> y``
+    (sampling) costs ``dim`` sequential passes. ``orientation="iaf"``: the forward (sampling)
+    is one pass, and ``log_prob`` of the distribution's own samples costs no extra pass (the
+    transforms returned by :meth:`condition` cache ``x``, ``y`` and log|det J|); the inverse
+    (scoring arbitrary points) costs ``dim`` sequential passes. Use ``"maf"`` for maximum
+    likelihood, ``"iaf"`` for variational inference. log|det J| from a known pair ``(x, y)`` is
+    one pass in either orientation.
+
+    The conditioner emits ``map.params_per_feature`` numbers per feature (laid out as the map's
+    ``param_major`` asks) and its output layer starts at zero, so the transform starts at the
+    identity.
 
     Args:
         dim: number of features.
-        hidden: hidden widths of the :class:`~pyroflows.nn.MADE` conditioner (each at least
-            ``dim - 1``, or ``dim`` with a context).
-        context_dim: size of the context, 0 for an unconditional transform.
-        order: the autoregressive order, see :class:`~pyroflows.nn.MADE`.
-        orientation: ``"maf"`` (fast inverse) or ``"iaf"`` (fast forward).
+        map: the elementwise map ``g`` (an :class:`~pyroflows.transforms.ElementwiseMap`).
+        hidden: hidden widths of the MADE conditioner, each at least ``dim - 1`` (``dim`` with
+            a context).
+        context_dim: size of the context, 0 for an unconditional transform; with a context the
+            conditioner also sees ``c`` (unmasked) and the transform is used through
+            ``condition(c)``; contexts of shape ``(*batch', context_dim)`` broadcast with inputs
+            of shape ``(*batch, dim)``.
+        order: ``"natural"``, ``"reversed"``, ``"random"`` (torch's global generator; saved in
+            the ``state_dict``) or a permutation where ``order[i]`` is the position of feature
+            ``i``; see :class:`~pyroflows.nn.MADE`.
+        orientation: ``"maf"`` (fast density) or ``"iaf"`` (fast sampling).
         activation: activation class of the conditioner.
-    """
 
-    params_per_feature: int
-    #: lay the conditioner's output out parameter by parameter (see MADE's ``param_major``)
-    param_major: bool = False
+    References:
+        Masked Autoregressive Flow for Density Estimation (Papamakarios, Pavlakou and Murray,
+        2017).
+        Improved Variational Inference with Inverse Autoregressive Flow (Kingma, Salimans,
+        Jozefowicz, Chen, Sutskever and Welling, 2016).
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.transforms import MaskedAutoregressive, RationalLinearSpline
+        >>> _ = torch.manual_seed(0)
+        >>> t = MaskedAutoregressive(3, RationalLinearSpline(bins=4), hidden=(16, 16))
+        >>> y = torch.randn(10, 3)
+        >>> x, ladj = t.inverse_and_log_det(y)   # "maf": one conditioner pass
+        >>> x.shape, ladj.shape
+        (torch.Size([10, 3]), torch.Size([10]))
+    """
 
     def __init__(
         self,
         dim: int,
+        map: ElementwiseMap,
         hidden: Sequence[int] = (64, 64),
         context_dim: int = 0,
         order: OrderLike = "natural",
         orientation: str = "maf",
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
+        map = check_map(map)
         check_positive_int("dim", dim)
         if orientation not in _ORIENTATIONS:
             raise ValueError(f"orientation: expected 'maf' or 'iaf'; got {orientation!r}")
         super().__init__(event_shape=(dim,), context_dim=context_dim)
         self.hidden = _check_hidden(hidden)
         self.orientation = orientation
+        self.map = map
         self.conditioner = MADE(
             dim,
             self.hidden,
-            self.params_per_feature,
+            map.params_per_feature,
             context_dim,
             order,
             activation,
-            param_major=self.param_major,
+            param_major=map.param_major,
         )
 
     @property
@@ -87,10 +125,16 @@ class _Autoregressive(FlowTransform):
         """``order[i]``: the position of feature ``i`` in the autoregressive order."""
         return self.conditioner.order
 
+    @property
+    def params_per_feature(self) -> int:
+        """Conditioner outputs per feature (the map's ``params_per_feature``)."""
+        return self.map.params_per_feature
+
     def _params(self, v: torch.Tensor, context) -> torch.Tensor:
         return self.conditioner(v, context)
 
-    def _map(self, fn, v: torch.Tensor, h: torch.Tensor):
+    @staticmethod
+    def _map(fn, v: torch.Tensor, h: torch.Tensor):
         return fn(v.expand(*h.shape[:-2], v.shape[-1]), h)
 
     def _one_pass(self, fn, v: torch.Tensor, read: torch.Tensor, context):
@@ -111,26 +155,30 @@ class _Autoregressive(FlowTransform):
     def _forward_and_log_det(self, x, context):
         self._check_context_batch(x, context)
         if self.orientation == "iaf":
-            return self._one_pass(self._elementwise, x, x, context)
-        return self._sequential(self._elementwise, x, context)
+            return self._one_pass(self.map.forward, x, x, context)
+        return self._sequential(self.map.forward, x, context)
 
     def _inverse_and_log_det(self, y, context):
         self._check_context_batch(y, context)
         if self.orientation == "maf":
-            return self._one_pass(self._elementwise_inverse, y, y, context)
-        return self._sequential(self._elementwise_inverse, y, context)
+            return self._one_pass(self.map.inverse, y, y, context)
+        return self._sequential(self.map.inverse, y, context)
 
     def _log_abs_det(self, x, y, context):
+        if self.map.volume_preserving:
+            batch = x.shape[:-1] if context is None else broadcast_batch(x, context, "")
+            return x.new_zeros(batch)
         # One pass in either orientation, given both ends.
         if self.orientation == "iaf":
-            return self._one_pass(self._elementwise, x, x, context)[1]
-        return -self._one_pass(self._elementwise_inverse, y, y, context)[1]
+            return self._one_pass(self.map.forward, x, x, context)[1]
+        return -self._one_pass(self.map.inverse, y, y, context)[1]
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, orientation={self.orientation!r}"
+        parts = [super().extra_repr(), f"orientation={self.orientation!r}"]
+        return ", ".join(parts)
 
 
-class MaskedAffineAutoregressive(AffineParams, _Autoregressive):
+class MaskedAffineAutoregressive(MaskedAutoregressive):
     """Masked affine autoregressive transform: MAF or IAF, by ``orientation``.
 
     With shift ``t_i`` and log-scale ``s_i`` from a :class:`~pyroflows.nn.MADE` conditioner that
@@ -152,7 +200,8 @@ class MaskedAffineAutoregressive(AffineParams, _Autoregressive):
 
     The log-scale is soft-clamped, ``s = B * tanh(raw / B)`` with ``B = log_scale_bound``, as in
     :class:`~pyroflows.transforms.AffineCoupling`. Starts at the identity (the conditioner's
-    output layer is zero).
+    output layer is zero). This is :class:`MaskedAutoregressive` with the
+    :class:`~pyroflows.transforms.Affine` map.
 
     Args:
         dim: number of features.
@@ -199,5 +248,15 @@ class MaskedAffineAutoregressive(AffineParams, _Autoregressive):
         log_scale_bound: float = 3.0,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
-        self._set_log_scale_bound(log_scale_bound)
-        super().__init__(dim, hidden, context_dim, order, orientation, activation)
+        super().__init__(
+            dim, Affine(log_scale_bound), hidden, context_dim, order, orientation, activation
+        )
+
+    @property
+    def log_scale_bound(self) -> float:
+        """The soft bound ``B`` on ``|s|`` (the map's)."""
+        return self.map.log_scale_bound
+
+
+# The name of the shared base class before the map became an argument.
+_Autoregressive = MaskedAutoregressive

@@ -1,9 +1,17 @@
 """Coupling transforms: part of the features pass through and parametrise a map of the rest.
 
 With a mask ``m`` (``True`` = passes through unchanged), a coupling transform computes
-``y[m] = x[m]`` and ``y[~m] = g(x[~m]; θ(x[m], context))`` where ``g`` is an invertible
-elementwise map and ``θ`` a conditioner network. Both directions cost one conditioner pass, and
-log|det J| is the log|det| of ``g`` alone (the Jacobian is block triangular).
+``y[m] = x[m]`` and ``y[~m] = g(x[~m]; θ(x[m], context))`` where ``g`` is an elementwise monotone
+map and ``θ`` a conditioner network. Both directions cost one conditioner pass, and log|det J| is
+the log|det| of ``g`` alone (the Jacobian is block triangular).
+
+:class:`Coupling` takes ``g`` as an argument, any :class:`~pyroflows.transforms.ElementwiseMap`
+(:class:`~pyroflows.transforms.Affine`, :class:`~pyroflows.transforms.Additive`,
+:class:`~pyroflows.transforms.RationalQuadraticSpline`,
+:class:`~pyroflows.transforms.RationalLinearSpline`, or a map of your own); it owns the mask and
+the conditioner. :class:`AdditiveCoupling` (NICE) and :class:`AffineCoupling` (RealNVP) are
+``Coupling`` with a fixed map and their own documented constructors, as is
+:class:`~pyroflows.transforms.SplineCoupling` (in :mod:`~pyroflows.transforms.splines`).
 """
 
 from __future__ import annotations
@@ -16,9 +24,9 @@ from torch import nn
 from .._checks import broadcast_batch, check_positive_int
 from ..nn import MLP, _check_hidden
 from .base import FlowTransform
-from .elementwise import AffineParams
+from .maps import Additive, Affine, ElementwiseMap, check_map
 
-__all__ = ["AdditiveCoupling", "AffineCoupling", "coupling_mask"]
+__all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "coupling_mask"]
 
 MaskLike = str | torch.Tensor | Sequence[bool]
 
@@ -73,28 +81,57 @@ def coupling_mask(dim: int, kind: MaskLike = "half", flip: bool = False) -> torc
     return mask
 
 
-class _Coupling(FlowTransform):
-    """Shared machinery: masks, the conditioner and the split/merge of features.
+class Coupling(FlowTransform):
+    """Coupling transform with any elementwise map: part of the features parametrise the rest.
 
-    A subclass (usually through a mixin from :mod:`.elementwise`, shared with the autoregressive
-    families) sets ``params_per_feature`` (conditioner outputs per transformed feature) and
-    implements ``_elementwise(x_b, h) -> (y_b, ladj)`` and
-    ``_elementwise_inverse(y_b, h) -> (x_b, ladj_inv)``, where ``h`` has shape
-    ``(*batch, n_transformed, params_per_feature)`` (``(*batch, params_per_feature,
-    n_transformed)`` when the class sets ``param_major``).
+    With the mask ``m`` of :func:`coupling_mask` (``x_a = x[m]`` pass through, ``x_b = x[~m]``
+    are transformed) and ``g`` the elementwise monotone ``map``:
+
+    * map: ``y_a = x_a``, ``y_b = g(x_b; h(x_a, c))``
+    * inverse: ``x_a = y_a``, ``x_b = g⁻¹(y_b; h(y_a, c))``
+    * log|det J|: ``sum_b log g'(x_b; h(x_a, c))`` (the Jacobian is block triangular)
+
+    Both directions cost one pass of the :class:`~pyroflows.nn.MLP` conditioner ``h``, which
+    emits ``map.params_per_feature`` numbers per transformed feature and ends in a zero layer,
+    so the transform starts at the identity (the map's promise at zero parameters).
+
+    Args:
+        dim: number of features (at least 2).
+        map: the elementwise map ``g`` (an :class:`~pyroflows.transforms.ElementwiseMap`).
+        hidden: hidden widths of the conditioner.
+        mask: ``"half"``, ``"alternate"`` or a boolean tensor (``True`` = passes through), see
+            :func:`coupling_mask`.
+        context_dim: size of the context, 0 for an unconditional transform; with a context the
+            conditioner sees ``[x_a, c]`` and the transform is used through ``condition(c)``.
+        activation: activation class of the conditioner.
+
+    Shapes:
+        ``(*batch, dim)`` -> ``(*batch, dim)``; context ``(*batch', context_dim)``
+        broadcastable with ``batch``.
+
+    References:
+        Density estimation using Real NVP (Dinh, Sohl-Dickstein and Bengio, 2017).
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.transforms import Coupling, RationalLinearSpline
+        >>> t = Coupling(4, RationalLinearSpline(bins=4), hidden=(16,), mask="alternate")
+        >>> x = torch.randn(10, 4)
+        >>> y, ladj = t.forward_and_log_det(x)
+        >>> y.shape, ladj.shape, torch.allclose(y, x, atol=1e-5)   # the identity at first
+        (torch.Size([10, 4]), torch.Size([10]), True)
     """
-
-    params_per_feature: int
-    param_major: bool = False
 
     def __init__(
         self,
         dim: int,
+        map: ElementwiseMap,
         hidden: Sequence[int] = (64, 64),
         mask: MaskLike = "half",
         context_dim: int = 0,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
+        map = check_map(map)
         mask = coupling_mask(dim, mask)
         super().__init__(event_shape=(dim,), context_dim=context_dim)
         self.hidden = _check_hidden(hidden)
@@ -108,25 +145,29 @@ class _Coupling(FlowTransform):
         # with one concatenation, no gathers: (size of the first block, whether it is kept).
         changes = torch.nonzero(mask[1:] != mask[:-1]).squeeze(-1)
         self._blocks = (int(changes[0]) + 1, bool(mask[0])) if len(changes) == 1 else None
+        per = map.params_per_feature
+        # The conditioner's output units are interchangeable: a param-major map reads them
+        # parameter by parameter, so that it works on contiguous rows.
+        self._layout = (per, len(change)) if map.param_major else (len(change), per)
+        self.map = map
         self.conditioner = MLP(
-            len(keep) + context_dim,
-            len(change) * self.params_per_feature,
-            hidden=self.hidden,
-            activation=activation,
+            len(keep) + context_dim, len(change) * per, hidden=self.hidden, activation=activation
         )
 
+    @property
+    def params_per_feature(self) -> int:
+        """Conditioner outputs per transformed feature (the map's ``params_per_feature``)."""
+        return self.map.params_per_feature
+
     def _conditioner_output(self, x_a: torch.Tensor, context) -> torch.Tensor:
+        """The map's parameters ``h`` for the transformed features, laid out as the map asks."""
         if context is None:
             h = self.conditioner(x_a)
         else:
             batch = broadcast_batch(x_a, context, type(self).__name__)
             x_a = x_a.expand(*batch, x_a.shape[-1])
             h = self.conditioner(torch.cat([x_a, context.expand(*batch, self.context_dim)], -1))
-        if self.param_major:
-            # The conditioner's output units are interchangeable: read them parameter-major,
-            # so that an affine map works on contiguous rows (see MADE's ``param_major``).
-            return h.unflatten(-1, (self.params_per_feature, len(self.change_idx)))
-        return h.unflatten(-1, (len(self.change_idx), self.params_per_feature))
+        return h.unflatten(-1, self._layout)
 
     def _split_and_apply(self, v, context, fn):
         blocks = self._blocks
@@ -135,27 +176,34 @@ class _Coupling(FlowTransform):
         else:
             first, rest = v.split([blocks[0], v.shape[-1] - blocks[0]], -1)
             v_a, v_b = (first, rest) if blocks[1] else (rest, first)
-        h = self._conditioner_output(v_a, context)
-        w_b, ladj = fn(v_b, h)
+        w_b, ladj = fn(v_b, self._conditioner_output(v_a, context))
         v_a = v_a.expand(*w_b.shape[:-1], v_a.shape[-1])
         if blocks is None:
             return torch.cat([v_a, w_b], -1).index_select(-1, self.merge_idx), ladj
         return torch.cat([v_a, w_b] if blocks[1] else [w_b, v_a], -1), ladj
 
     def _forward_and_log_det(self, x, context):
-        return self._split_and_apply(x, context, self._elementwise)
+        return self._split_and_apply(x, context, self.map.forward)
 
     def _inverse_and_log_det(self, y, context):
-        return self._split_and_apply(y, context, self._elementwise_inverse)
+        return self._split_and_apply(y, context, self.map.inverse)
+
+    def _log_abs_det(self, x, y, context):
+        if self.map.volume_preserving:
+            batch = x.shape[:-1] if context is None else broadcast_batch(x, context, "")
+            return x.new_zeros(batch)
+        return self._forward_and_log_det(x, context)[1]
 
     def extra_repr(self) -> str:
-        return (
-            f"{super().extra_repr()}, passes_through={self.keep_idx.numel()}, "
-            f"transformed={self.change_idx.numel()}"
-        )
+        parts = [
+            super().extra_repr(),
+            f"passes_through={self.keep_idx.numel()}",
+            f"transformed={self.change_idx.numel()}",
+        ]
+        return ", ".join(parts)
 
 
-class AdditiveCoupling(_Coupling):
+class AdditiveCoupling(Coupling):
     """Additive coupling (NICE): a shift of the transformed features, volume preserving.
 
     * map: ``y_a = x_a``, ``y_b = x_b + t(x_a, c)``
@@ -163,7 +211,7 @@ class AdditiveCoupling(_Coupling):
     * log|det J|: ``0``
 
     Both directions cost one conditioner pass. Starts at the identity (``t`` has a zero last
-    layer).
+    layer). This is :class:`Coupling` with the :class:`~pyroflows.transforms.Additive` map.
 
     Args:
         dim: number of features (at least 2).
@@ -187,20 +235,18 @@ class AdditiveCoupling(_Coupling):
         (torch.Size([10, 4]), torch.Size([10]))
     """
 
-    params_per_feature = 1
-
-    def _elementwise(self, x_b, h):
-        return x_b + h[..., 0], x_b.new_zeros(()).expand(h.shape[:-2])
-
-    def _elementwise_inverse(self, y_b, h):
-        return y_b - h[..., 0], y_b.new_zeros(()).expand(h.shape[:-2])
-
-    def _log_abs_det(self, x, y, context):
-        batch = x.shape[:-1] if context is None else broadcast_batch(x, context, "")
-        return x.new_zeros(batch)
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (64, 64),
+        mask: MaskLike = "half",
+        context_dim: int = 0,
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        super().__init__(dim, Additive(), hidden, mask, context_dim, activation)
 
 
-class AffineCoupling(AffineParams, _Coupling):
+class AffineCoupling(Coupling):
     """Affine coupling (RealNVP): a scale and shift of the transformed features.
 
     * map: ``y_a = x_a``, ``y_b = x_b * exp(s(x_a, c)) + t(x_a, c)``
@@ -210,7 +256,8 @@ class AffineCoupling(AffineParams, _Coupling):
     Both directions cost one conditioner pass. The log-scale is soft-clamped,
     ``s = B * tanh(raw / B)`` with ``B = log_scale_bound``: each layer scales a feature by at
     most ``exp(±B)``, which keeps deep stacks free of overflow (NaN/inf) far from the data while
-    leaving ``s ≈ raw`` near zero, where training starts. Starts at the identity.
+    leaving ``s ≈ raw`` near zero, where training starts. Starts at the identity. This is
+    :class:`Coupling` with the :class:`~pyroflows.transforms.Affine` map.
 
     Args:
         dim: number of features (at least 2).
@@ -244,5 +291,13 @@ class AffineCoupling(AffineParams, _Coupling):
         log_scale_bound: float = 3.0,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
-        self._set_log_scale_bound(log_scale_bound)
-        super().__init__(dim, hidden, mask, context_dim, activation)
+        super().__init__(dim, Affine(log_scale_bound), hidden, mask, context_dim, activation)
+
+    @property
+    def log_scale_bound(self) -> float:
+        """The soft bound ``B`` on ``|s|`` (the map's)."""
+        return self.map.log_scale_bound
+
+
+# The name of the shared base class before the map became an argument.
+_Coupling = Coupling

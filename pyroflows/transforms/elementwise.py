@@ -1,12 +1,15 @@
 """Elementwise transforms: each feature is mapped on its own, so log|det J| is a sum.
 
-All act on vectors (event_dim 1) and are the identity at initialisation, except the fixed
-nonlinearities (``LeakyReLU``, ``Sigmoid``, ``Logit``), which have no parameters.
+All act on vectors (event_dim 1) and own their parameters (the identity at initialisation), or
+have none: the fixed nonlinearities ``LeakyReLU``, ``Sigmoid`` and ``Logit``, which take no
+context either. The elementwise maps whose parameters come from a conditioner (inside coupling
+and autoregressive transforms) are in :mod:`pyroflows.transforms.maps`.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -19,7 +22,6 @@ from .base import FlowTransform
 
 __all__ = [
     "ActNorm",
-    "AffineParams",
     "ElementwiseAffine",
     "LeakyReLU",
     "Logit",
@@ -199,52 +201,6 @@ def soft_clamp(raw: torch.Tensor, bound: float) -> torch.Tensor:
     return bound * torch.tanh(raw / bound)
 
 
-class AffineParams:
-    """Mixin: the elementwise affine map of coupling and autoregressive affine transforms.
-
-    With conditioner output ``h`` of shape ``(*batch, 2, n)`` (parameter-major, see
-    :class:`~pyroflows.nn.MADE`'s ``param_major``), ``t = h[..., 0, :]`` and
-    ``s = soft_clamp(h[..., 1, :], log_scale_bound)``: ``y = x * exp(s) + t`` with
-    log|det J| ``= sum(s)``. The class using it sets ``log_scale_bound`` through
-    ``_set_log_scale_bound`` (before ``FlowTransform.__init__`` runs, which is harmless: it is a
-    plain float).
-    """
-
-    params_per_feature = 2
-    # Shift and log-scale each read across all features: conditioners lay them out
-    # parameter-major, so both are contiguous rows.
-    param_major = True
-    log_scale_bound: float
-
-    def _set_log_scale_bound(self, bound: float) -> None:
-        if not (isinstance(bound, (int, float)) and bound > 0):
-            raise ValueError(f"log_scale_bound: expected a positive number; got {bound!r}")
-        object.__setattr__(self, "log_scale_bound", float(bound))
-
-    def _log_scale(self, raw: torch.Tensor) -> torch.Tensor:
-        # B * tanh(raw / B), computed as B * (2 * sigmoid(2 * raw / B) - 1): the same number,
-        # and the sigmoid costs a third of the tanh on CPUs (benchmarks/speed.py).
-        bound = self.log_scale_bound
-        return (torch.sigmoid(raw * (2.0 / bound)) - 0.5).mul_(2.0 * bound)
-
-    def _shift_and_log_scale(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shift, raw = h.unbind(-2)
-        return shift, self._log_scale(raw)
-
-    def _elementwise(self, x, h):
-        shift, log_scale = self._shift_and_log_scale(h)
-        return torch.addcmul(shift, x, log_scale.exp()), log_scale.sum(-1)
-
-    def _elementwise_inverse(self, y, h):
-        shift, raw = h.unbind(-2)
-        bound = self.log_scale_bound
-        negative = (0.5 - torch.sigmoid(raw * (2.0 / bound))).mul_(2.0 * bound)  # -s, directly
-        return (y - shift) * negative.exp(), negative.sum(-1)
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, log_scale_bound={self.log_scale_bound}"
-
-
 def _clamp_open_unit(y: torch.Tensor) -> torch.Tensor:
     # Keeps the logit finite where float rounding reaches 0 or 1.
     finfo = torch.finfo(y.dtype)
@@ -403,3 +359,20 @@ class SinhArcsinh(FlowTransform):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tail_bound={self.tail_bound}"
+
+
+def __getattr__(name: str):
+    # Names that changed, with the warning that says what replaced them (PEP 562).
+    if name == "AffineParams":
+        from .maps import Affine
+
+        warnings.warn(
+            "pyroflows.transforms.elementwise.AffineParams is deprecated: the affine map is now "
+            "the ElementwiseMap pyroflows.transforms.Affine, which Coupling, "
+            "MaskedAutoregressive and ImageCoupling take as an argument; AffineParams now names "
+            "Affine",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return Affine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,9 +2,12 @@
 
 * :class:`Squeeze` trades space for channels (space-to-depth 2x2) and changes the event shape;
 * :class:`ActNorm2d` and :class:`InvConv1x1` act on the channels of every pixel alike;
-* :class:`ImageAffineCoupling` and :class:`ImageAdditiveCoupling` transform half of the entries
-  (a spatial checkerboard or half of the channels, see :func:`image_mask`) with a convolutional
-  conditioner (:class:`~pyroflows.nn_image.ConvResNet`) reading the other half;
+* :class:`ImageCoupling` transforms half of the entries (a spatial checkerboard or half of the
+  channels, see :func:`image_mask`) by an elementwise map given as an argument (any
+  :class:`~pyroflows.transforms.ElementwiseMap`), whose parameters a convolutional conditioner
+  (:class:`~pyroflows.nn_image.ConvResNet`) reads from the other half;
+  :class:`ImageAffineCoupling` and :class:`ImageAdditiveCoupling` are ``ImageCoupling`` with
+  the affine and additive maps;
 * :class:`ImageSigmoid` is the data-side end of an image flow: it maps the real line onto pixel
   intensities, the inverse of RealNVP's logit pre-processing.
 
@@ -26,13 +29,15 @@ from torch.linalg import solve_triangular
 from .._checks import broadcast_batch, check_positive_int
 from ..nn_image import ConvResNet
 from .base import FlowTransform
-from .elementwise import _clamp_open_unit, _standardise, soft_clamp
+from .elementwise import _clamp_open_unit, _standardise
 from .linear import _init_lu, _lu_factors, random_rotation
+from .maps import Additive, Affine, ElementwiseMap, check_map
 
 __all__ = [
     "ActNorm2d",
     "ImageAdditiveCoupling",
     "ImageAffineCoupling",
+    "ImageCoupling",
     "ImageSigmoid",
     "InvConv1x1",
     "Squeeze",
@@ -393,20 +398,60 @@ def image_mask(
     return (~mask if flip else mask).contiguous()
 
 
-class _ImageCoupling(_ImageTransform):
-    """Shared machinery of the image couplings: the mask, the conditioner and the split.
+class ImageCoupling(_ImageTransform):
+    """Coupling for images with any elementwise map: half of the entries parametrise the rest.
 
-    A subclass sets ``params_per_entry`` and implements ``_map(v, params, inverse)``, where
-    ``params`` is a tuple of ``params_per_entry`` tensors shaped like the transformed entries
-    (zero where a checkerboard mask keeps the entry, so that the map is the identity there), and
-    returns the mapped entries and the log|det J| of that direction.
+    With ``m`` the mask of :func:`image_mask` (``x_a = x[m]`` pass through, ``x_b = x[~m]`` are
+    transformed) and ``g`` the elementwise monotone ``map``:
+
+    * map: ``y_a = x_a``, ``y_b = g(x_b; h(x_a, c))``
+    * inverse: ``x_a = y_a``, ``x_b = g⁻¹(y_b; h(y_a, c))``
+    * log|det J|: ``sum_b log g'(x_b; h(x_a, c))`` over the transformed entries
+
+    Both directions cost one pass of the conditioner ``h``, a
+    :class:`~pyroflows.nn_image.ConvResNet` emitting ``map.params_per_feature`` channels per
+    transformed channel (parameter by parameter: the first block of channels is every entry's
+    first parameter). With ``mask="checkerboard"`` it reads the masked image ``x * m`` (all
+    channels, zeros where entries are transformed) and its outputs are used where ``m`` is
+    ``False``; with ``mask="channel"`` it reads the kept channels and outputs the parameters of
+    the others. The map sees the transformed entries as one flat vector per image. The output
+    convolution starts at zero, so the layer starts at the identity (the map's promise at zero
+    parameters); entries that pass through are copied exactly, whatever the map.
+
+    Args:
+        shape: ``(C, H, W)`` of the events.
+        map: the elementwise map ``g`` (an :class:`~pyroflows.transforms.ElementwiseMap`).
+        channels: hidden channels of the conditioner.
+        blocks: residual blocks of the conditioner.
+        mask: ``"checkerboard"`` or ``"channel"``, see :func:`image_mask`.
+        flip: complement the mask (alternate layers flip it).
+        context_dim: size of the context, 0 for an unconditional transform; with a context
+            the conditioner sees it as ``context_dim`` constant extra channels and the transform
+            is used through ``condition(c)``.
+        activation: activation class of the conditioner.
+
+    Shapes:
+        ``(*batch, C, H, W)`` -> ``(*batch, C, H, W)``; context ``(*batch', context_dim)``
+        broadcastable with ``batch``.
+
+    References:
+        Density estimation using Real NVP (Dinh, Sohl-Dickstein and Bengio, 2017).
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.transforms import ImageCoupling, RationalLinearSpline
+        >>> _ = torch.manual_seed(0)
+        >>> t = ImageCoupling((2, 4, 4), RationalLinearSpline(bins=4), channels=8, blocks=1)
+        >>> x = torch.randn(5, 2, 4, 4)
+        >>> y, ladj = t.forward_and_log_det(x)
+        >>> torch.allclose(y, x, atol=1e-5), ladj.shape   # the identity at first
+        (True, torch.Size([5]))
     """
-
-    params_per_entry: int
 
     def __init__(
         self,
         shape: Sequence[int],
+        map: ElementwiseMap,
         channels: int = 64,
         blocks: int = 2,
         mask: str = "checkerboard",
@@ -414,6 +459,7 @@ class _ImageCoupling(_ImageTransform):
         context_dim: int = 0,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
+        map = check_map(map)
         shape = _check_shape(shape)
         keep = image_mask(shape, mask, flip)
         super().__init__(event_shape=shape, context_dim=context_dim)
@@ -424,43 +470,69 @@ class _ImageCoupling(_ImageTransform):
         if mask == "checkerboard":
             self._split = None
             read, changed = shape[0], shape[0]
+            # Where the transformed entries sit in the flattened image: derived from the mask,
+            # so not saved (state_dicts keep the keys they had).
+            index = torch.nonzero(~keep.flatten()).squeeze(-1)
+            self.register_buffer("_change_idx", index, persistent=False)
         else:  # two blocks of channels: (size of the first block, whether it is kept)
             self._split = (shape[0] // 2, bool(keep[0, 0, 0]))
             read = int(keep[:, 0, 0].sum())
             changed = shape[0] - read
+        self.map = map
         self.conditioner = ConvResNet(
             read,
-            changed * self.params_per_entry,
+            changed * map.params_per_feature,
             channels=channels,
             blocks=blocks,
             context_dim=context_dim,
             activation=activation,
         )
 
-    def _params(self, v_a: torch.Tensor, context) -> tuple[torch.Tensor, ...]:
+    @property
+    def params_per_feature(self) -> int:
+        """Conditioner channels per transformed channel (the map's ``params_per_feature``)."""
+        return self.map.params_per_feature
+
+    def _params(self, v_a: torch.Tensor, context, select: torch.Tensor | None) -> torch.Tensor:
+        """The map's parameters ``(*batch, P, n)`` (``(*batch, n, P)`` for a feature-major
+        map) of the ``n`` transformed entries, flattened; ``select`` picks them out of the
+        conditioner's full image."""
         if context is not None:
             broadcast_batch(v_a, context, type(self).__name__, event_dim=3)
         h = self.conditioner(v_a, context)
-        params = h.chunk(self.params_per_entry, dim=-3)
-        if self._split is None:  # the map must be the identity where the mask keeps entries
-            params = tuple(p.masked_fill(self.mask, 0.0) for p in params)
-        return params
+        h = h.unflatten(-3, (self.map.params_per_feature, -1)).flatten(-3)
+        if select is not None:
+            h = h.index_select(-1, select)
+        return h if self.map.param_major else h.transpose(-1, -2)
 
-    def _couple(self, v: torch.Tensor, context, inverse: bool):
+    def _couple(self, v: torch.Tensor, context, fn):
         if self._split is None:
-            return self._map(v, self._params(v * self.mask, context), inverse)
+            select = self._change_idx
+            h = self._params(v * self.mask, context, select)
+            flat = v.flatten(-3)
+            w_b, ladj = fn(flat.index_select(-1, select), h)
+            # The kept entries are copied as they are, the transformed ones written over.
+            flat = flat.expand(*w_b.shape[:-1], flat.shape[-1])
+            return flat.index_copy(-1, select, w_b).unflatten(-1, v.shape[-3:]), ladj
         first, kept_first = self._split
         a, b = v.split([first, v.shape[-3] - first], dim=-3)
         v_a, v_b = (a, b) if kept_first else (b, a)
-        w_b, ladj = self._map(v_b, self._params(v_a, context), inverse)
+        w_b, ladj = fn(v_b.flatten(-3), self._params(v_a, context, None))
+        w_b = w_b.unflatten(-1, v_b.shape[-3:])
         v_a = v_a.expand(*w_b.shape[:-3], *v_a.shape[-3:])
         return torch.cat([v_a, w_b] if kept_first else [w_b, v_a], dim=-3), ladj
 
     def _forward_and_log_det(self, x, context):
-        return self._couple(x, context, inverse=False)
+        return self._couple(x, context, self.map.forward)
 
     def _inverse_and_log_det(self, y, context):
-        return self._couple(y, context, inverse=True)
+        return self._couple(y, context, self.map.inverse)
+
+    def _log_abs_det(self, x, y, context):
+        if self.map.volume_preserving:
+            batch = _batch(x) if context is None else broadcast_batch(x, context, "", event_dim=3)
+            return x.new_zeros(batch)
+        return self._forward_and_log_det(x, context)[1]
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"mask={self.kind!r}"]
@@ -469,7 +541,7 @@ class _ImageCoupling(_ImageTransform):
         return ", ".join(parts)
 
 
-class ImageAffineCoupling(_ImageCoupling):
+class ImageAffineCoupling(ImageCoupling):
     """Affine coupling for images (RealNVP, Glow): a scale and shift of half of the entries.
 
     With ``m`` the mask of :func:`image_mask` (``x_a = x[m]`` pass through, ``x_b = x[~m]`` are
@@ -485,7 +557,8 @@ class ImageAffineCoupling(_ImageCoupling):
     where ``m`` is ``False``; with ``mask="channel"`` it reads the kept channels and outputs the
     parameters of the others. The log-scale is soft-clamped, ``s = B * tanh(raw / B)`` with
     ``B = log_scale_bound``, as in :class:`~pyroflows.transforms.AffineCoupling`. The output
-    convolution starts at zero, so the layer starts at the identity.
+    convolution starts at zero, so the layer starts at the identity. This is
+    :class:`ImageCoupling` with the :class:`~pyroflows.transforms.Affine` map.
 
     Args:
         shape: ``(C, H, W)`` of the events.
@@ -519,8 +592,6 @@ class ImageAffineCoupling(_ImageCoupling):
         (True, torch.Size([5]))
     """
 
-    params_per_entry = 2
-
     def __init__(
         self,
         shape: Sequence[int],
@@ -532,26 +603,16 @@ class ImageAffineCoupling(_ImageCoupling):
         log_scale_bound: float = 3.0,
         activation: type[nn.Module] = nn.ReLU,
     ) -> None:
-        if not (isinstance(log_scale_bound, (int, float)) and log_scale_bound > 0):
-            raise ValueError(
-                f"log_scale_bound: expected a positive number; got {log_scale_bound!r}"
-            )
-        super().__init__(shape, channels, blocks, mask, flip, context_dim, activation)
-        self.log_scale_bound = float(log_scale_bound)
+        affine = Affine(log_scale_bound)
+        super().__init__(shape, affine, channels, blocks, mask, flip, context_dim, activation)
 
-    def _map(self, v, params, inverse):
-        shift, raw = params
-        log_scale = soft_clamp(raw, self.log_scale_bound)
-        ladj = log_scale.sum(_EVENT_DIMS)
-        if inverse:
-            return (v - shift) * torch.exp(-log_scale), -ladj
-        return torch.addcmul(shift, v, log_scale.exp()), ladj
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, log_scale_bound={self.log_scale_bound}"
+    @property
+    def log_scale_bound(self) -> float:
+        """The soft bound ``B`` on ``|s|`` (the map's)."""
+        return self.map.log_scale_bound
 
 
-class ImageAdditiveCoupling(_ImageCoupling):
+class ImageAdditiveCoupling(ImageCoupling):
     """Additive coupling for images (NICE): a shift of half of the entries, volume preserving.
 
     With ``m`` the mask of :func:`image_mask` (``x_a = x[m]`` pass through):
@@ -561,7 +622,8 @@ class ImageAdditiveCoupling(_ImageCoupling):
     * log|det J|: ``0``
 
     Both directions cost one conditioner pass; the conditioner and masks are those of
-    :class:`ImageAffineCoupling`. Starts at the identity.
+    :class:`ImageAffineCoupling`. Starts at the identity. This is :class:`ImageCoupling` with
+    the :class:`~pyroflows.transforms.Additive` map.
 
     Args:
         shape: ``(C, H, W)`` of the events.
@@ -587,16 +649,18 @@ class ImageAdditiveCoupling(_ImageCoupling):
         [False, False, True, True]
     """
 
-    params_per_entry = 1
-
-    def _map(self, v, params, inverse):
-        (shift,) = params
-        ladj = v.new_zeros(()).expand(shift.shape[:-3])
-        return (v - shift, ladj) if inverse else (v + shift, ladj)
-
-    def _log_abs_det(self, x, y, context):
-        batch = _batch(x) if context is None else broadcast_batch(x, context, "", event_dim=3)
-        return x.new_zeros(batch)
+    def __init__(
+        self,
+        shape: Sequence[int],
+        channels: int = 64,
+        blocks: int = 2,
+        mask: str = "checkerboard",
+        flip: bool = False,
+        context_dim: int = 0,
+        activation: type[nn.Module] = nn.ReLU,
+    ) -> None:
+        additive = Additive()
+        super().__init__(shape, additive, channels, blocks, mask, flip, context_dim, activation)
 
 
 class ImageSigmoid(_ImageTransform):

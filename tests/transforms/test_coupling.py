@@ -75,7 +75,7 @@ def test_log_scale_is_soft_clamped_and_far_inputs_stay_finite():
         x = r * torch.tensor([[1.0, 0.0], [0.0, -1.0], [0.7, 0.7]])
         assert torch.isfinite(d.log_prob(x)).all(), r
     h = layers[0]._conditioner_output(1000 * torch.ones(1, 1), None)
-    _, log_scale = layers[0]._shift_and_log_scale(h)
+    log_scale = layers[0].map.log_scale(h[..., 1, :])
     assert log_scale.abs().max() <= 3.0
 
 

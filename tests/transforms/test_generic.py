@@ -5,10 +5,15 @@ transforms such as ActNorm) and has every parameter perturbed away from its iden
 initialisation, so that the checks see a non-trivial map. Events are vectors ``(dim,)`` or, for
 image transforms, ``(C, H, W)``; Jacobians are taken of the flattened maps, so transforms that
 change the event shape (Squeeze) are checked like the others.
+
+The registry itself is checked too: every transform class that :mod:`pyroflows.transforms`
+exports has a row, every exported elementwise map has a row in each generic transform, and the
+rows marked ``identity`` are the identity when freshly built.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 
@@ -16,6 +21,15 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch.autograd.functional import jacobian
+
+import pyroflows.transforms
+from pyroflows.transforms import (
+    Coupling,
+    ElementwiseMap,
+    FlowTransform,
+    ImageCoupling,
+    MaskedAutoregressive,
+)
 
 from .registry import CASES, Case, normal
 
@@ -39,8 +53,64 @@ def build(case: Case, dtype: torch.dtype = torch.float64, seed: int = 0):
             first = 1.5 + 2.0 * first  # so that ActNorm's initialisation is not the identity
         t.inverse_and_log_det(t.forward_and_log_det(first, context)[0], context)
         for p in t.parameters():
-            p.add_(0.3 * torch.randn_like(p))
+            p.add_(case.perturbation * torch.randn_like(p))
     return t, context
+
+
+@functools.cache
+def built_types() -> dict[str, tuple[type, type | None]]:
+    """For each row, the class of what ``make()`` builds and the class of its map (or None)."""
+    types = {}
+    for name, case in CASES.items():
+        torch.manual_seed(0)
+        t = case.make()
+        elementwise = getattr(t, "map", None)
+        types[name] = (type(t), None if elementwise is None else type(elementwise))
+    return types
+
+
+def exported(base: type) -> list[type]:
+    """The subclasses of ``base`` (not ``base`` itself) in ``pyroflows.transforms.__all__``."""
+    objects = (getattr(pyroflows.transforms, n) for n in pyroflows.transforms.__all__)
+    return [o for o in objects if isinstance(o, type) and issubclass(o, base) and o is not base]
+
+
+def test_every_exported_transform_has_a_row():
+    classes = exported(FlowTransform)
+    assert len(classes) > 20  # so that the check below could fail
+    covered = {cls for cls, _ in built_types().values()}
+    missing = sorted(cls.__name__ for cls in classes if cls not in covered)
+    assert not missing, (
+        f"no row in tests/transforms/registry.py builds {', '.join(missing)}: add a Case to CASES"
+    )
+
+
+@pytest.mark.parametrize("transform", [Coupling, MaskedAutoregressive, ImageCoupling], ids=str)
+def test_every_exported_map_has_a_row_in_every_generic_transform(transform):
+    maps = exported(ElementwiseMap)
+    assert len(maps) >= 4
+    covered = {m for cls, m in built_types().values() if cls is transform}
+    missing = sorted(m.__name__ for m in maps if m not in covered)
+    assert not missing, (
+        f"no row in tests/transforms/registry.py builds {transform.__name__}(..., map) with "
+        f"map {', '.join(missing)}: add a Case to CASES"
+    )
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if CASES[n].identity])
+def test_starts_at_the_identity(name):
+    """Freshly built (before ``build`` perturbs anything), the transform is the identity map
+    with log|det J| = 0, in both directions: exactly for affine and additive maps, up to
+    rounding for splines."""
+    case = CASES[name]
+    torch.manual_seed(0)
+    t = case.make().double()
+    x = 3.0 * case.sample((32, *case.event_shape), torch.float64)
+    context = contexts(case, (32,), torch.float64)
+    for fn in (t.forward_and_log_det, t.inverse_and_log_det):
+        y, ladj = fn(x, context)
+        torch.testing.assert_close(y, x, atol=1e-12, rtol=0)
+        torch.testing.assert_close(ladj, torch.zeros(32, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
 def flat_jacobian(f, v: torch.Tensor) -> torch.Tensor:
