@@ -24,12 +24,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import broadcast_batch, check_positive_int
 from ..nn import MADE, OrderLike, _check_hidden
 from .base import FlowTransform
-from .maps import Affine, ElementwiseMap, check_map
+from .maps import CONDITIONER_BOUND, Affine, ElementwiseMap, check_conditioner_bound, check_map
 
 __all__ = ["MaskedAffineAutoregressive", "MaskedAutoregressive"]
 
@@ -60,6 +61,17 @@ class MaskedAutoregressive(FlowTransform):
     ``param_major`` asks) and its output layer starts at zero, so the transform starts at the
     identity.
 
+    **Far from the data.** The conditioner reads ``u`` clamped to ``[-b, b]``
+    (``b = conditioner_bound``; the context is never clamped). Inside that box nothing
+    changes; beyond it the map's parameters stop changing, so the layer is one fixed
+    elementwise map there (Gaussian tails for the affine map) and the log-density keeps
+    decreasing, as a density's should. Unclamped, the MADE's ReLU units grow linearly along a
+    ray and a soft-clamped log-scale sweeps across its whole range at a radius set by the
+    weights, however far out; while it sweeps, ``|x|`` can shrink as ``|y|`` grows, and a
+    trained MAF's log-density rose again far in the tails (higher at ``-1e6`` than at
+    ``-1e4``). The price is a kink of the log-density (a jump of its gradient) where a read
+    feature crosses ``±b``. ``conditioner_bound=None`` reads ``u`` unclamped.
+
     Args:
         dim: number of features.
         map: the elementwise map ``g`` (an :class:`~pyroflows.transforms.ElementwiseMap`).
@@ -74,6 +86,8 @@ class MaskedAutoregressive(FlowTransform):
             ``i``; see :class:`~pyroflows.nn.MADE`.
         orientation: ``"maf"`` (fast density) or ``"iaf"`` (fast sampling).
         activation: activation class of the conditioner.
+        conditioner_bound: the bound ``b`` of the features the conditioner reads, or ``None``
+            (keyword only).
 
     References:
         Masked Autoregressive Flow for Density Estimation (Papamakarios, Pavlakou and Murray,
@@ -101,6 +115,8 @@ class MaskedAutoregressive(FlowTransform):
         order: OrderLike = "natural",
         orientation: str = "maf",
         activation: type[nn.Module] = nn.ReLU,
+        *,
+        conditioner_bound: float | None = CONDITIONER_BOUND,
     ) -> None:
         map = check_map(map)
         check_positive_int("dim", dim)
@@ -109,6 +125,7 @@ class MaskedAutoregressive(FlowTransform):
         super().__init__(event_shape=(dim,), context_dim=context_dim)
         self.hidden = _check_hidden(hidden)
         self.orientation = orientation
+        self.conditioner_bound = check_conditioner_bound(conditioner_bound)
         self.map = map
         self.conditioner = MADE(
             dim,
@@ -131,6 +148,10 @@ class MaskedAutoregressive(FlowTransform):
         return self.map.params_per_feature
 
     def _params(self, v: torch.Tensor, context) -> torch.Tensor:
+        bound = self.conditioner_bound
+        if bound is not None:
+            # A clamp; hardtanh's backward is one fused kernel where clamp's is several.
+            v = F.hardtanh(v, -bound, bound)
         return self.conditioner(v, context)
 
     @staticmethod
@@ -175,6 +196,8 @@ class MaskedAutoregressive(FlowTransform):
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"orientation={self.orientation!r}"]
+        if self.conditioner_bound != CONDITIONER_BOUND:
+            parts.append(f"conditioner_bound={self.conditioner_bound}")
         return ", ".join(parts)
 
 
@@ -201,7 +224,9 @@ class MaskedAffineAutoregressive(MaskedAutoregressive):
     The log-scale is soft-clamped, ``s = B * tanh(raw / B)`` with ``B = log_scale_bound``, as in
     :class:`~pyroflows.transforms.AffineCoupling`. Starts at the identity (the conditioner's
     output layer is zero). This is :class:`MaskedAutoregressive` with the
-    :class:`~pyroflows.transforms.Affine` map.
+    :class:`~pyroflows.transforms.Affine` map; its conditioner reads ``u`` clamped to
+    ``[-10, 10]``, so that the log-density keeps decreasing far in the tails (see
+    :class:`MaskedAutoregressive`).
 
     Args:
         dim: number of features.

@@ -19,12 +19,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._checks import broadcast_batch, check_positive_int
 from ..nn import MLP, _check_hidden
 from .base import FlowTransform
-from .maps import Additive, Affine, ElementwiseMap, check_map
+from .maps import (
+    CONDITIONER_BOUND,
+    Additive,
+    Affine,
+    ElementwiseMap,
+    check_conditioner_bound,
+    check_map,
+)
 
 __all__ = ["AdditiveCoupling", "AffineCoupling", "Coupling", "coupling_mask"]
 
@@ -95,6 +103,16 @@ class Coupling(FlowTransform):
     emits ``map.params_per_feature`` numbers per transformed feature and ends in a zero layer,
     so the transform starts at the identity (the map's promise at zero parameters).
 
+    **Far from the data.** The conditioner reads the passed-through features clamped to
+    ``[-b, b]`` (``b = conditioner_bound``; the context is never clamped). Inside that box
+    nothing changes; beyond it the map's parameters stop changing, so the layer is one fixed
+    elementwise map there: with an affine map the tails are Gaussian and the log-density keeps
+    decreasing, as a density's should. (Unclamped, a ReLU conditioner's output grows linearly
+    along a ray, and a soft-clamped log-scale then sweeps across its whole range at a radius
+    set by the weights, however far out; during the sweep ``|f⁻¹(y)|`` can shrink while ``|y|``
+    grows.) The price is a kink of the log-density (a jump of its gradient) where a read
+    feature crosses ``±b``. ``conditioner_bound=None`` reads the features unclamped.
+
     Args:
         dim: number of features (at least 2).
         map: the elementwise map ``g`` (an :class:`~pyroflows.transforms.ElementwiseMap`).
@@ -104,6 +122,8 @@ class Coupling(FlowTransform):
         context_dim: size of the context, 0 for an unconditional transform; with a context the
             conditioner sees ``[x_a, c]`` and the transform is used through ``condition(c)``.
         activation: activation class of the conditioner.
+        conditioner_bound: the bound ``b`` of the features the conditioner reads, or ``None``
+            (keyword only).
 
     Shapes:
         ``(*batch, dim)`` -> ``(*batch, dim)``; context ``(*batch', context_dim)``
@@ -130,11 +150,14 @@ class Coupling(FlowTransform):
         mask: MaskLike = "half",
         context_dim: int = 0,
         activation: type[nn.Module] = nn.ReLU,
+        *,
+        conditioner_bound: float | None = CONDITIONER_BOUND,
     ) -> None:
         map = check_map(map)
         mask = coupling_mask(dim, mask)
         super().__init__(event_shape=(dim,), context_dim=context_dim)
         self.hidden = _check_hidden(hidden)
+        self.conditioner_bound = check_conditioner_bound(conditioner_bound)
         keep = torch.nonzero(mask).squeeze(-1)
         change = torch.nonzero(~mask).squeeze(-1)
         self.register_buffer("mask", mask)
@@ -161,6 +184,10 @@ class Coupling(FlowTransform):
 
     def _conditioner_output(self, x_a: torch.Tensor, context) -> torch.Tensor:
         """The map's parameters ``h`` for the transformed features, laid out as the map asks."""
+        bound = self.conditioner_bound
+        if bound is not None:
+            # A clamp; hardtanh's backward is one fused kernel where clamp's is several.
+            x_a = F.hardtanh(x_a, -bound, bound)
         if context is None:
             h = self.conditioner(x_a)
         else:
@@ -200,6 +227,8 @@ class Coupling(FlowTransform):
             f"passes_through={self.keep_idx.numel()}",
             f"transformed={self.change_idx.numel()}",
         ]
+        if self.conditioner_bound != CONDITIONER_BOUND:
+            parts.append(f"conditioner_bound={self.conditioner_bound}")
         return ", ".join(parts)
 
 
@@ -211,7 +240,9 @@ class AdditiveCoupling(Coupling):
     * log|det J|: ``0``
 
     Both directions cost one conditioner pass. Starts at the identity (``t`` has a zero last
-    layer). This is :class:`Coupling` with the :class:`~pyroflows.transforms.Additive` map.
+    layer). This is :class:`Coupling` with the :class:`~pyroflows.transforms.Additive` map; the
+    conditioner reads the passed-through features clamped to ``[-10, 10]`` (see
+    :class:`Coupling`).
 
     Args:
         dim: number of features (at least 2).
@@ -257,7 +288,9 @@ class AffineCoupling(Coupling):
     ``s = B * tanh(raw / B)`` with ``B = log_scale_bound``: each layer scales a feature by at
     most ``exp(±B)``, which keeps deep stacks free of overflow (NaN/inf) far from the data while
     leaving ``s ≈ raw`` near zero, where training starts. Starts at the identity. This is
-    :class:`Coupling` with the :class:`~pyroflows.transforms.Affine` map.
+    :class:`Coupling` with the :class:`~pyroflows.transforms.Affine` map; the conditioner reads
+    the passed-through features clamped to ``[-10, 10]``, which keeps the log-density
+    decreasing far in the tails (see :class:`Coupling`).
 
     Args:
         dim: number of features (at least 2).

@@ -21,7 +21,19 @@ from torch import nn
 
 from .._checks import check_positive
 
-__all__ = ["Additive", "Affine", "ElementwiseMap", "check_map"]
+__all__ = [
+    "CONDITIONER_BOUND",
+    "Additive",
+    "Affine",
+    "ElementwiseMap",
+    "check_conditioner_bound",
+    "check_map",
+]
+
+#: The default ``conditioner_bound`` of :class:`~pyroflows.transforms.Coupling` and
+#: :class:`~pyroflows.transforms.MaskedAutoregressive`: their conditioners read the features
+#: clamped to ``[-10, 10]``, ten standard deviations of a standardised feature.
+CONDITIONER_BOUND = 10.0
 
 
 class ElementwiseMap(nn.Module):
@@ -198,3 +210,10 @@ def check_map(map: object) -> ElementwiseMap:
         "map: expected an ElementwiseMap instance (e.g. Affine(), Additive(), "
         f"RationalQuadraticSpline()); got {type(map).__name__}"
     )
+
+
+def check_conditioner_bound(bound: float | None) -> float | None:
+    """Return ``bound`` as a float if it is a positive finite number, ``None`` if ``None``."""
+    if bound is None:
+        return None
+    return float(check_positive("conditioner_bound", bound))

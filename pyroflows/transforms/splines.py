@@ -601,7 +601,7 @@ class SplineCoupling(Coupling):
     ``|x| = 5`` and meets the linear tails, where the paper's ``B = 3`` leaves 0.3%.
 
     This is :class:`~pyroflows.transforms.Coupling` with the :class:`RationalQuadraticSpline`
-    map.
+    map; the conditioner reads the passed-through features clamped to ``[-10, 10]``.
 
     Args:
         dim: number of features (at least 2).
@@ -676,7 +676,8 @@ class SplineAutoregressive(MaskedAutoregressive):
     those of :class:`SplineCoupling`.
 
     This is :class:`~pyroflows.transforms.MaskedAutoregressive` with the
-    :class:`RationalQuadraticSpline` map.
+    :class:`RationalQuadraticSpline` map; the conditioner reads its input clamped to
+    ``[-10, 10]``.
 
     Args:
         dim: number of features.

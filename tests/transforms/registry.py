@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import pyro.distributions as dist
 import torch
 
 from pyroflows.transforms import (
@@ -177,6 +178,9 @@ CASES: dict[str, Case] = {
     ),
     # The generic transforms with each elementwise map (small bounds put points in the tails).
     "Coupling-Affine": Case(lambda: Coupling(D, Affine(), hidden=H), identity=True),
+    "Coupling-Affine-unclamped": Case(
+        lambda: Coupling(D, Affine(2.0), hidden=H, conditioner_bound=None), identity=True
+    ),
     "Coupling-Additive-alternate": Case(
         lambda: Coupling(5, Additive(), hidden=H, mask="alternate"), dim=5, identity=True
     ),
@@ -196,8 +200,11 @@ CASES: dict[str, Case] = {
         context_dim=2,
         identity=True,
     ),
-    "MaskedAutoregressive-Affine-iaf": Case(
-        lambda: MaskedAutoregressive(D, Affine(), hidden=H, orientation="iaf"), identity=True
+    "MaskedAutoregressive-Affine-iaf-clamped": Case(
+        lambda: MaskedAutoregressive(
+            D, Affine(), hidden=H, orientation="iaf", conditioner_bound=1.0
+        ),
+        identity=True,
     ),
     "MaskedAutoregressive-Additive": Case(
         lambda: MaskedAutoregressive(D, Additive(), hidden=H), identity=True
@@ -303,3 +310,45 @@ CASES: dict[str, Case] = {
         context_dim=2,
     ),
 }
+
+
+def fitted_stack(make_layer: Callable[[int], FlowTransform], seed: int, steps: int = 50):
+    """Five layers (``make_layer(i)``) with reversals between, fitted to correlated 4-D data by
+    ``steps`` Adam steps of maximum likelihood (lr 1e-2, batches of 256), returned in float64
+    as a Pyro distribution over a standard Normal base: the setting in which a trained MAF's
+    log-density rose again far in the tails."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(4, 4, generator=generator)
+    data = torch.randn(2000, 4, generator=generator) @ mixing + 1.0
+    layers: list = []
+    for i in range(5):
+        layers += [Reverse(4), make_layer(i)] if i else [make_layer(i)]
+    base = dist.Normal(torch.zeros(4), 1.0).to_event(1)
+    optimiser = torch.optim.Adam([p for t in layers for p in t.parameters()], lr=1e-2)
+    for _ in range(steps):
+        batch = data[torch.randint(0, len(data), (256,), generator=generator)]
+        loss = -dist.TransformedDistribution(base, layers).log_prob(batch).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    base64 = dist.Normal(torch.zeros(4, dtype=torch.float64), 1.0).to_event(1)
+    return dist.TransformedDistribution(base64, [t.double() for t in layers])
+
+
+#: Points far in the tails: radii from 1e2 to 1e7 along the diagonal, the anti-diagonal, an
+#: alternating ray and two axes, shape (radii, rays, 4).
+TAIL_RADII = torch.logspace(2, 7, 21, dtype=torch.float64)
+TAIL_RAYS = torch.tensor(
+    [[1.0, 1, 1, 1], [-1, -1, -1, -1], [1, -1, 1, -1], [0, 0, 0, -1], [1, 0, 0, 0]],
+    dtype=torch.float64,
+)
+TAIL_POINTS = TAIL_RADII[:, None, None] * TAIL_RAYS
+
+
+def rising_rays(d) -> list[int]:
+    """The rays along which ``d``'s log-density rises somewhere between radii 1e2 and 1e7."""
+    with torch.no_grad():
+        log_prob = d.log_prob(TAIL_POINTS)
+    assert torch.isfinite(log_prob).all()
+    return torch.nonzero((log_prob.diff(dim=0) >= 0).any(0)).flatten().tolist()

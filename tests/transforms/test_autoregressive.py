@@ -15,7 +15,10 @@ from pyro.optim import Adam
 from torch.autograd.functional import jacobian
 
 from pyroflows.nn import MADE
+from pyroflows.transforms import Affine, MaskedAutoregressive
 from pyroflows.transforms.autoregressive import MaskedAffineAutoregressive
+
+from .registry import fitted_stack, rising_rays
 
 DIM = 5
 H = (16, 16)
@@ -240,6 +243,61 @@ def test_dim_one_with_a_context():
     y, ladj = t.forward_and_log_det(x, c)
     torch.testing.assert_close(t.inverse_and_log_det(y, c)[0], x)
     assert ladj.shape == (5,) and ladj.abs().sum() > 0
+
+
+# -- far in the tails --------------------------------------------------------------------------
+# (orientation, seed): trained this way, the unclamped layers' log-density rises again far out
+# (see the second test).
+FITTED = [("maf", 1), ("iaf", 0)]
+
+
+@pytest.mark.parametrize(("orientation", "seed"), FITTED)
+def test_log_density_decreases_far_in_the_tails(orientation, seed):
+    """A MAF / IAF fitted for 50 steps: along every ray, the log-density keeps decreasing from
+    radius 1e2 to 1e7. (Before the conditioner read clamped inputs it was, e.g., higher at
+    1e6 * (-1, -1, -1, -1) than at 1e4 * (-1, -1, -1, -1).)"""
+    d = fitted_stack(
+        lambda i: MaskedAffineAutoregressive(4, hidden=(64, 64), orientation=orientation), seed
+    )
+    assert rising_rays(d) == []
+
+
+@pytest.mark.parametrize(("orientation", "seed"), FITTED)
+def test_unclamped_conditioners_give_log_densities_that_rise_again_far_out(orientation, seed):
+    """The defect the clamp removes, reproduced with ``conditioner_bound=None``: the MADE's
+    ReLU units grow linearly along a ray, each layer's soft-clamped log-scale sweeps across
+    its range at a radius set by the weights, and while it sweeps ``|x|`` shrinks as ``|y|``
+    grows."""
+    d = fitted_stack(
+        lambda i: MaskedAutoregressive(
+            4, Affine(), hidden=(64, 64), orientation=orientation, conditioner_bound=None
+        ),
+        seed,
+    )
+    assert rising_rays(d) != []
+    # and with the clamp, the same layers far out are fixed affine maps: the log-density of a
+    # Gaussian, a quadratic in the radius, beyond a few bounds
+    layer = d.transforms[-1]
+    layer.conditioner_bound = 10.0
+    far = torch.tensor([[-1e5] * 4, [-1e6] * 4], dtype=torch.float64)
+    h = layer._params(far, None)
+    torch.testing.assert_close(h[0], h[1], atol=0, rtol=0)
+
+
+def test_the_clamp_changes_nothing_inside_the_bound():
+    torch.manual_seed(0)
+    clamped = MaskedAutoregressive(DIM, Affine(), hidden=H).double()
+    with torch.no_grad():
+        for p in clamped.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    free = MaskedAutoregressive(DIM, Affine(), hidden=H, conditioner_bound=None).double()
+    free.load_state_dict(clamped.state_dict())
+    y = 3.0 * torch.randn(64, DIM, dtype=torch.float64).clamp(-3, 3)
+    for a, b in zip(clamped.inverse_and_log_det(y), free.inverse_and_log_det(y), strict=True):
+        assert torch.equal(a, b)
+    y[0, 0] = 50.0  # beyond it, the clamped conditioner reads 10
+    assert not torch.equal(clamped.inverse_and_log_det(y)[0], free.inverse_and_log_det(y)[0])
+    assert "conditioner_bound=None" in repr(free) and "conditioner_bound" not in repr(clamped)
 
 
 # -- errors ----------------------------------------------------------------------------------

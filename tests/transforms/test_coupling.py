@@ -2,7 +2,9 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyroflows.transforms import AdditiveCoupling, AffineCoupling, coupling_mask
+from pyroflows.transforms import AdditiveCoupling, Affine, AffineCoupling, Coupling, coupling_mask
+
+from .registry import fitted_stack, rising_rays
 
 
 def test_masks():
@@ -82,3 +84,18 @@ def test_log_scale_is_soft_clamped_and_far_inputs_stay_finite():
 def test_bad_log_scale_bound():
     with pytest.raises(ValueError, match="log_scale_bound: expected a positive number"):
         AffineCoupling(4, log_scale_bound=0)
+
+
+def test_log_density_decreases_far_in_the_tails():
+    """A RealNVP-like stack fitted for 50 steps: the log-density keeps decreasing from radius
+    1e2 to 1e7 along every ray; with the conditioner reading unclamped features (as before)
+    it rose again along one of them."""
+
+    def layer(clamped):
+        bound = {} if clamped else {"conditioner_bound": None}
+        return lambda i: Coupling(
+            4, Affine(), hidden=(64, 64), mask=coupling_mask(4, flip=i % 2), **bound
+        )
+
+    assert rising_rays(fitted_stack(layer(True), seed=0)) == []
+    assert rising_rays(fitted_stack(layer(False), seed=0)) != []

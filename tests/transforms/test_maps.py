@@ -140,6 +140,16 @@ def test_additive_is_a_shift():
         (lambda: Coupling(4, "affine"), TypeError, "map: expected an ElementwiseMap instance"),
         (lambda: MaskedAutoregressive(3, nn.Identity()), TypeError, "got Identity"),
         (lambda: ImageCoupling((2, 2, 2), None), TypeError, "got NoneType"),
+        (
+            lambda: Coupling(4, Affine(), conditioner_bound=0.0),
+            ValueError,
+            "conditioner_bound: expected a positive number; got 0.0",
+        ),
+        (
+            lambda: MaskedAutoregressive(3, Affine(), conditioner_bound=math.inf),
+            ValueError,
+            "conditioner_bound: expected a positive number; got inf",
+        ),
     ],
 )
 def test_bad_arguments(make, error, match):
