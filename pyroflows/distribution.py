@@ -211,9 +211,11 @@ class FlowDistribution(dist.TransformedDistribution):
         at use, as the module docstring says.
         """
         name = type(flow).__name__
-        ref = _reference(flow)
-        dtype = torch.get_default_dtype() if ref is None else ref.dtype
-        if context is not None:
+        # Inside torch.compile (whose callers, as fit, pass data in the flow's dtype) the flow
+        # is not searched for its dtype: walking its modules would break the graph.
+        ref = None if torch.compiler.is_compiling() else _reference(flow)
+        dtype = None if ref is None else ref.dtype
+        if context is not None and dtype is not None:
             context = _as_dtype(name, "context", context, dtype)
         parts = [
             t.condition(context) if isinstance(t, ConditionalTransform) else t for t in flow._chain

@@ -425,3 +425,28 @@ def test_a_base_given_to_the_flow_later_is_the_one_a_kept_distribution_uses():
         flow.base.loc.fill_(1.0)
     torch.testing.assert_close(d.log_prob(x), flow().log_prob(x))
     assert not torch.allclose(d.log_prob(x), before)
+
+
+@pytest.mark.parametrize("name", ["RealNVP", "IAF", "Glow"])
+def test_scoring_and_own_samples_compile_without_graph_breaks(name):
+    """``torch.compile`` of a loss that calls the flow (as a compiled training step does): the
+    caches' bookkeeping stays out of the graph (``fullgraph=True`` fails on a graph break)."""
+    flow = build(name, "conditional_normal" if name == "IAF" else "normal", CONTEXT)
+    context = context_of(flow)
+    x = data(flow)
+    flow(context).log_prob(x)  # initialise ActNorm before tracing
+
+    def nll(x, context):
+        return -flow(context).log_prob(x).mean()
+
+    def reverse_kl(context):
+        d = flow(context)
+        return d.log_prob(d.rsample()).mean()
+
+    # Without argument validation, whose checks of values are data-dependent branches (the
+    # engine's compiled step turns it off too).
+    with pyro.validation_enabled(False):
+        compiled = torch.compile(nll, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x, context), nll(x, context))
+        compiled = torch.compile(reverse_kl, backend="eager", fullgraph=True)
+        assert torch.isfinite(compiled(context))
