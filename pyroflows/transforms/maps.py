@@ -16,6 +16,8 @@ spline maps (:class:`~pyroflows.transforms.RationalQuadraticSpline`,
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
+
 import torch
 from torch import nn
 
@@ -36,7 +38,7 @@ __all__ = [
 CONDITIONER_BOUND = 10.0
 
 
-class ElementwiseMap(nn.Module):
+class ElementwiseMap(nn.Module, metaclass=ABCMeta):
     """The contract of an elementwise monotone map parametrised by a conditioner's output.
 
     The map acts on ``n`` features at once, each with its own parameters: feature ``i`` of
@@ -69,10 +71,10 @@ class ElementwiseMap(nn.Module):
     * *Identity at zero*: ``h = 0`` gives the identity map with ``ladj = 0`` (exactly, or up to
       rounding). Conditioners end in a zero-initialised layer, so a freshly built transform is
       the identity and an untrained flow equals its base distribution.
-    * *A bounded parametrisation*: whatever the (finite) conditioner output, the map's slopes
-      stay within fixed positive bounds (a soft-clamped log-scale, minimum bin sizes and
-      derivatives), so deep stacks and points far from the data give finite values, inverses
-      and log-determinants.
+    * *A bounded parametrisation*: whatever the (finite) conditioner output, the map stays
+      away from degenerate ones (the affine slope within ``exp(±B)`` by a soft-clamped
+      log-scale; splines with minimum bin widths, heights and knot derivatives), so deep stacks
+      and points far from the data give finite values, inverses and log-determinants.
     * Both directions are analytic (or documented with their tolerance), differentiable in
       ``x`` and ``h``, and work in float32 and float64.
 
@@ -90,13 +92,13 @@ class ElementwiseMap(nn.Module):
     param_major: bool = False
     volume_preserving: bool = False
 
+    @abstractmethod
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``y = g(x; h)`` and ``log|det ∂y/∂x|`` summed over the features (shape ``batch``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def inverse(self, y: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x = g⁻¹(y; h)`` and ``log|det ∂x/∂y|`` summed over the features (shape ``batch``)."""
-        raise NotImplementedError
 
 
 class Affine(ElementwiseMap):
@@ -198,8 +200,15 @@ class Additive(ElementwiseMap):
 
 
 def check_map(map: object) -> ElementwiseMap:
-    """Return ``map`` if it is an :class:`ElementwiseMap` instance; else raise a ``TypeError``."""
+    """Return ``map`` if it is an :class:`ElementwiseMap` instance that says how many parameters
+    it takes; else raise a ``TypeError``."""
     if isinstance(map, ElementwiseMap):
+        per = getattr(map, "params_per_feature", None)
+        if isinstance(per, bool) or not isinstance(per, int) or per < 1:
+            raise TypeError(
+                f"map: expected {type(map).__name__}.params_per_feature to be a positive "
+                f"integer; got {per!r}"
+            )
         return map
     if isinstance(map, type) and issubclass(map, ElementwiseMap):
         raise TypeError(

@@ -107,6 +107,25 @@ def test_maps_add_nothing_to_a_state_dict_and_name_their_settings(name):
     assert f"(map): {g!r}" in repr(t)
 
 
+def test_a_map_must_implement_the_contract():
+    class Incomplete(ElementwiseMap):
+        params_per_feature = 1
+
+        def forward(self, x, h):
+            return x + h[..., 0], x.new_zeros(x.shape[:-1])
+
+    with pytest.raises(TypeError, match=r"abstract method.*inverse"):
+        Incomplete()
+
+    class Unsized(Incomplete):
+        def inverse(self, y, h):
+            return y - h[..., 0], y.new_zeros(y.shape[:-1])
+
+    with pytest.raises(TypeError, match=r"Unsized2\.params_per_feature to be a positive integer"):
+        Coupling(4, type("Unsized2", (Unsized,), {"params_per_feature": 0})())
+    assert Coupling(4, Unsized(), hidden=(8,)).params_per_feature == 1
+
+
 def test_affine_is_the_soft_clamped_scale_and_shift():
     g = Affine(log_scale_bound=1.5)
     h = params(g, (6,), 4.0)
