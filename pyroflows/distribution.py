@@ -293,11 +293,15 @@ class FlowDistribution(dist.TransformedDistribution):
         state = ParameterState.pending()
         root, context = live.root, live.context
         x0 = x
-        for transform in self.transforms:
-            if isinstance(transform, _FUSED):
+        if self._simple:  # every layer ours
+            for transform in self.transforms:
                 x = transform.draw(x, state, root, context)
-            else:
-                x = transform(x)
+        else:
+            for transform in self.transforms:
+                if isinstance(transform, _FUSED):
+                    x = transform.draw(x, state, root, context)
+                else:
+                    x = transform(x)
         state.take(root, context)
         self._drawn = _Drawn(x0, x, base, state)
         return x

@@ -673,6 +673,15 @@ class ConditionedTransform(_FusedCalls, Transform):
     def _target(self) -> tuple[FlowTransform, torch.Tensor | None]:
         return self.module, self.context
 
+    def draw(
+        self, x: torch.Tensor, state: ParameterState, root: nn.Module, context=None
+    ) -> torch.Tensor:
+        """As :meth:`FlowTransform.draw` (the hot path of sampling, without the indirection)."""
+        y, ladj = self.module.forward_and_log_det(x, self.context)
+        if self._cache_size:
+            self._kept = _Pair(x, y, ladj, True, state, root, context)
+        return y
+
     def with_cache(self, cache_size: int = 1) -> Transform:
         if cache_size == self._cache_size:
             return self
