@@ -416,7 +416,10 @@ class ImageCoupling(_ImageTransform):
     ``False``; with ``mask="channel"`` it reads the kept channels and outputs the parameters of
     the others. The map sees the transformed entries as one flat vector per image. The output
     convolution starts at zero, so the layer starts at the identity (the map's promise at zero
-    parameters); entries that pass through are copied exactly, whatever the map.
+    parameters); entries that pass through are copied exactly, whatever the map. Unlike
+    :class:`~pyroflows.transforms.Coupling`, the conditioner reads the kept entries unclamped:
+    image flows end in :class:`ImageSigmoid`, so their data side is bounded and has no far
+    tails to keep in order.
 
     Args:
         shape: ``(C, H, W)`` of the events.
