@@ -14,8 +14,7 @@ from pyro.infer import SVI, Trace_ELBO
 from torch.autograd.functional import jacobian
 
 import pyroflows as pf
-from pyroflows.transforms.autoregressive import _Autoregressive
-from pyroflows.transforms.coupling import _Coupling
+from pyroflows.transforms import Coupling, MaskedAutoregressive
 
 SMALL = {"layers": 2, "hidden": (16, 16)}
 BUILDERS = {
@@ -173,7 +172,9 @@ def test_shapes_and_reparameterised_samples(name, context_dim):
 
 
 def conditioners(flow: pf.Flow) -> list[torch.nn.Module]:
-    return [t.conditioner for t in flow.transforms if isinstance(t, (_Coupling, _Autoregressive))]
+    return [
+        t.conditioner for t in flow.transforms if isinstance(t, (Coupling, MaskedAutoregressive))
+    ]
 
 
 @pytest.mark.parametrize("context_dim", CONDITIONS)

@@ -330,7 +330,3 @@ class AffineCoupling(Coupling):
     def log_scale_bound(self) -> float:
         """The soft bound ``B`` on ``|s|`` (the map's)."""
         return self.map.log_scale_bound
-
-
-# The name of the shared base class before the map became an argument.
-_Coupling = Coupling
