@@ -3,7 +3,9 @@
 A base is an ``nn.Module`` whose ``forward(context)`` returns a Pyro distribution with event
 shape ``(dim,)`` and batch shape ``context.shape[:-1]`` (``()`` without a context). Keeping its
 tensors in buffers or parameters avoids the device mismatch that Pyro and nflows users met when a
-flow moved to CUDA and its base did not (pyro-ppl/pyro#2761, bayesiains/nflows#15).
+flow moved to CUDA and its base did not (pyro-ppl/pyro#2761, bayesiains/nflows#15). The bases
+here also say their shapes without being called (``shapes(context)``), so that a flow's
+distribution builds its base only when it samples or scores.
 """
 
 from __future__ import annotations
@@ -18,7 +20,14 @@ from ._checks import check_positive_int
 from .nn import MLP
 from .transforms.elementwise import soft_clamp
 
-__all__ = ["ConditionalDiagNormal", "DiagNormal", "StandardNormal", "make_base", "tempered"]
+__all__ = [
+    "ConditionalDiagNormal",
+    "DiagNormal",
+    "StandardNormal",
+    "check_temperature",
+    "make_base",
+    "tempered",
+]
 
 # Per-feature log-scales of the learnable bases are soft-clamped to (-10, 10): wide enough for
 # any standardised problem, narrow enough that exp() cannot overflow float32.
@@ -29,6 +38,10 @@ def _expand(d: dist.Distribution, context: torch.Tensor | None) -> dist.Distribu
     if context is None:
         return d
     return d.expand(torch.broadcast_shapes(d.batch_shape, context.shape[:-1]))
+
+
+def _batch_shape(context: torch.Tensor | None) -> torch.Size:
+    return torch.Size() if context is None else context.shape[:-1]
 
 
 def _event_shape(dim: int | Sequence[int]) -> tuple[int, ...]:
@@ -44,6 +57,24 @@ def _event_shape(dim: int | Sequence[int]) -> tuple[int, ...]:
     for size in shape:
         check_positive_int("dim", size)
     return shape
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` if it is a positive finite number (the factor :func:`tempered` takes).
+
+    Raises:
+        ValueError: otherwise.
+
+    Example:
+        >>> from pyroflows.bases import check_temperature
+        >>> check_temperature(0.7)
+        0.7
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"temperature: expected a positive number; got {temperature!r}")
+    if not 0 < temperature < float("inf"):
+        raise ValueError(f"temperature: expected a positive finite number; got {temperature!r}")
+    return temperature
 
 
 def tempered(base: dist.Distribution, temperature: float) -> dist.Distribution:
@@ -70,11 +101,7 @@ def tempered(base: dist.Distribution, temperature: float) -> dist.Distribution:
         >>> tempered(StandardNormal(2)(), 0.5).base_dist.scale
         tensor([0.5000, 0.5000])
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise ValueError(f"temperature: expected a positive number; got {temperature!r}")
-    if not 0 < temperature < float("inf"):
-        raise ValueError(f"temperature: expected a positive finite number; got {temperature!r}")
-    if temperature == 1:
+    if check_temperature(temperature) == 1:
         return base
     inner, ndims = base, 0
     if isinstance(base, torch.distributions.Independent):
@@ -99,6 +126,10 @@ class StandardNormal(nn.Module):
         (torch.Size([3]), torch.Size([1, 4, 4]))
     """
 
+    #: its distributions are Normal, reparameterised (a flow's distribution reads this and
+    #: :meth:`shapes` instead of building the base when it is made)
+    has_rsample = True
+
     def __init__(self, dim: int | Sequence[int]) -> None:
         super().__init__()
         shape = _event_shape(dim)
@@ -110,6 +141,10 @@ class StandardNormal(nn.Module):
         d = dist.Normal(self.loc, self.scale, validate_args=False).to_event(self.loc.dim())
         return _expand(d, context)
 
+    def shapes(self, context: torch.Tensor | None = None) -> tuple[torch.Size, torch.Size]:
+        """The batch and event shapes of ``self(context)``, without building it."""
+        return _batch_shape(context), self.loc.shape
+
 
 class DiagNormal(nn.Module):
     """A learnable diagonal Normal ``N(loc, diag(scale²))``, starting at ``N(0, I)``.
@@ -119,6 +154,10 @@ class DiagNormal(nn.Module):
     Args:
         dim: number of features, or the event shape.
     """
+
+    #: its distributions are Normal, reparameterised (a flow's distribution reads this and
+    #: :meth:`shapes` instead of building the base when it is made)
+    has_rsample = True
 
     def __init__(self, dim: int | Sequence[int]) -> None:
         super().__init__()
@@ -130,6 +169,10 @@ class DiagNormal(nn.Module):
         scale = soft_clamp(self.log_scale, LOG_SCALE_BOUND).exp()
         d = dist.Normal(self.loc, scale, validate_args=False).to_event(self.loc.dim())
         return _expand(d, context)
+
+    def shapes(self, context: torch.Tensor | None = None) -> tuple[torch.Size, torch.Size]:
+        """The batch and event shapes of ``self(context)``, without building it."""
+        return _batch_shape(context), self.loc.shape
 
 
 class ConditionalDiagNormal(nn.Module):
@@ -153,6 +196,10 @@ class ConditionalDiagNormal(nn.Module):
         Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al., 2016).
     """
 
+    #: its distributions are Normal, reparameterised (a flow's distribution reads this and
+    #: :meth:`shapes` instead of building the base when it is made)
+    has_rsample = True
+
     def __init__(self, dim: int, context_dim: int, hidden: Sequence[int] = (64,)) -> None:
         super().__init__()
         check_positive_int("dim", dim)
@@ -161,14 +208,22 @@ class ConditionalDiagNormal(nn.Module):
         self.net = MLP(context_dim, 2 * dim, hidden=hidden)
 
     def forward(self, context: torch.Tensor | None = None) -> dist.Distribution:
+        self._check(context)
+        loc, raw = self.net(context).chunk(2, dim=-1)
+        scale = soft_clamp(raw, LOG_SCALE_BOUND).exp()
+        return dist.Normal(loc, scale, validate_args=False).to_event(1)
+
+    def shapes(self, context: torch.Tensor | None = None) -> tuple[torch.Size, torch.Size]:
+        """The batch and event shapes of ``self(context)``, without building it."""
+        self._check(context)
+        return _batch_shape(context), torch.Size((self.dim,))
+
+    def _check(self, context: torch.Tensor | None) -> None:
         if context is None:
             raise ValueError(
                 "ConditionalDiagNormal needs a context of shape (*batch, "
                 f"{self.net.in_features}); got None"
             )
-        loc, raw = self.net(context).chunk(2, dim=-1)
-        scale = soft_clamp(raw, LOG_SCALE_BOUND).exp()
-        return dist.Normal(loc, scale, validate_args=False).to_event(1)
 
 
 BASES = ("normal", "diag_normal", "conditional_normal")

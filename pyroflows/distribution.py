@@ -33,7 +33,7 @@ import torch
 from pyro.distributions.conditional import ConditionalTransform
 from torch.distributions import Independent, Transform
 
-from .bases import tempered
+from .bases import check_temperature, tempered
 from .transforms.base import ConditionedTransform, FlowTransform, ParameterState, has_inverse
 
 __all__ = ["FlowDistribution"]
@@ -179,17 +179,10 @@ class FlowDistribution(dist.TransformedDistribution):
         validate_args: bool | None = None,
         simple: bool = False,
     ) -> None:
-        self._simple = simple
-        self._live: _LiveBase | None = None
-        self._built: _Built | None = None
-        self._drawn: _Drawn | None = None
-        self._dtype: torch.dtype | None = None
-        self._where: tuple | None = None  # (reference tensor, dtype, device) of the flow
-        self._name = type(self).__name__
+        self._setup(simple, transforms, len(base_distribution.event_shape), None)
         if not simple:
             super().__init__(base_distribution, transforms, validate_args=validate_args)
         else:
-            self.transforms = transforms
             self.base_dist = base_distribution
             torch.distributions.Distribution.__init__(
                 self,
@@ -200,15 +193,30 @@ class FlowDistribution(dist.TransformedDistribution):
         self._base_event_ndims = len(self._fixed.event_shape)
         self._has_rsample = self._fixed.has_rsample
 
+    def _setup(self, simple: bool, transforms, base_event_ndims: int, has_rsample) -> None:
+        """The state every instance has, however it was made."""
+        self._simple = simple
+        self.transforms = transforms
+        self._fixed: dist.Distribution | None = None
+        self._live: _LiveBase | None = None
+        self._built: _Built | None = None
+        self._drawn: _Drawn | None = None
+        self._dtype: torch.dtype | None = None
+        self._where: tuple | None = None  # (reference tensor, dtype, device) of the flow
+        self._name = type(self).__name__
+        self._base_event_ndims = base_event_ndims
+        self._has_rsample = has_rsample
+
     @classmethod
     def from_flow(
         cls, flow, context: torch.Tensor | None, temperature: float = 1.0
     ) -> FlowDistribution:
         """The distribution of ``flow`` for a checked ``context`` (``None`` if unconditional).
 
-        A context of another real dtype than the flow's is converted to the flow's. The base
-        is built once here (for the shapes, and to refuse a bad temperature at once) and then
-        at use, as the module docstring says.
+        A context of another real dtype than the flow's is converted to the flow's. The base is
+        built at use, as the module docstring says; a base module that cannot say its shapes
+        without being called (one without ``shapes(context)``), or a flow with layers that are
+        not ours, has it built once here too, for the shapes.
         """
         name = type(flow).__name__
         # Inside torch.compile (whose callers, as fit, pass data in the flow's dtype) the flow
@@ -221,8 +229,22 @@ class FlowDistribution(dist.TransformedDistribution):
             t.condition(context) if isinstance(t, ConditionalTransform) else t for t in flow._chain
         ]
         live = _LiveBase(flow, context, temperature)
+        module = flow.base
+        shapes = getattr(module, "shapes", None)
+        if flow._simple and shapes is not None and getattr(module, "has_rsample", False):
+            # A base that says its shapes (the bases of pyroflows.bases) is built at first use.
+            check_temperature(temperature)
+            batch_shape, event_shape = shapes(context)
+            if tuple(event_shape) == flow.event_shape:
+                d = cls.__new__(cls)
+                d._setup(True, parts, len(event_shape), True)
+                torch.distributions.Distribution.__init__(d, batch_shape, event_shape)
+                d._live = live
+                d._dtype = dtype
+                d._where = None if ref is None else (ref, ref.dtype, ref.device)
+                d._name = name
+                return d
         raw = live.build()
-        state = live.state()
         simple = flow._simple and raw.event_shape == flow.event_shape
         d = cls(raw, parts, simple=simple)
         adapted = d._fixed
@@ -235,7 +257,7 @@ class FlowDistribution(dist.TransformedDistribution):
             live.shape = None if shape == raw.batch_shape else shape
             live.reinterpreted = adapted.event_shape[:n]
         d._live, d._fixed = live, None
-        d._built = _Built(adapted, state, fresh=True)
+        d._built = _Built(adapted, live.state(), fresh=True)
         d._dtype = dtype
         d._where = None if ref is None else (ref, ref.dtype, ref.device)
         d._name = name

@@ -160,7 +160,8 @@ def test_own_samples_cost_no_inversion_and_no_second_pass_after_steps(name):
         net.register_forward_hook(lambda *_: calls.append(1))
     context = context_of(flow)
     optimizer = torch.optim.Adam(flow.parameters(), lr=0.05)
-    d = flow(context)  # builds the base once (for its shapes); the first rsample uses it
+    d = flow(context)  # builds nothing yet: the base is built when first used
+    assert not calls
     for _ in range(3):
         z = d.rsample()
         log_prob = d.log_prob(z)
