@@ -1,11 +1,13 @@
 """Flows: a base distribution and a stack of transforms, called to give a Pyro distribution.
 
-``flow()`` (or ``flow(context)`` for a conditional flow) returns a
-``pyro.distributions.TransformedDistribution`` with ``log_prob``, ``sample`` and ``rsample``. Each
-call binds fresh, short-lived views of the transforms (:meth:`FlowTransform.condition`), which
-cache their latest ``(x, y, log|det J|)``: a distribution scores its own samples without inverting
-anything and without a second conditioner pass, and nothing cached outlives the distribution, so
-nothing stale survives an optimiser step. Call the flow again after each step.
+``flow()`` (or ``flow(context)``) returns a :class:`~pyroflows.distribution.FlowDistribution`,
+a ``pyro.distributions.TransformedDistribution`` with ``log_prob``, ``sample`` and ``rsample``.
+It scores its own samples without inverting anything and without a second conditioner pass,
+and it may be kept across optimiser steps: it reads its base at use and its caches are keyed on
+the parameters' state (see :mod:`pyroflows.distribution`). The builders here (``NICE``,
+``RealNVP``, ``MAF``, ``IAF``, ``NSF``, ``LinearFlow``, ``Glow``, ``ImageRealNVP``) record an
+explicit configuration, and :data:`BUILDERS` names them for the command line,
+``AutoFlowGuide(flow=NAME)`` and :func:`pyroflows.load`.
 """
 
 from __future__ import annotations

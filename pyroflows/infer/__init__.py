@@ -1,6 +1,6 @@
 """Variational inference with flows: guides, objectives, training and evidence."""
 
-from .evidence import log_evidence
+from .evidence import ImportanceDraws, importance_draws, log_evidence
 from .guides import AmortizedFlow, AutoFlowGuide, WarmStart, init_to_unconstrained_zero
 from .objectives import IWAE, STL_ELBO, log_importance_weights
 from .svi import fit_svi
@@ -11,9 +11,11 @@ __all__ = [
     "STL_ELBO",
     "AmortizedFlow",
     "AutoFlowGuide",
+    "ImportanceDraws",
     "WarmStart",
     "fit_svi",
     "fit_target",
+    "importance_draws",
     "init_to_unconstrained_zero",
     "log_evidence",
     "log_importance_weights",
