@@ -9,7 +9,7 @@ classes (``AffineCoupling``, ``SplineAutoregressive``, ...) are those with a fix
 
 from . import splines
 from .autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive
-from .base import ConditionedTransform, FlowTransform
+from .base import ConditionedTransform, FlowTransform, ParameterState, has_inverse
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, coupling_mask
 from .elementwise import ActNorm, ElementwiseAffine, LeakyReLU, Logit, Sigmoid, SinhArcsinh
 from .image import (
@@ -57,6 +57,7 @@ __all__ = [
     "Logit",
     "MaskedAffineAutoregressive",
     "MaskedAutoregressive",
+    "ParameterState",
     "Permutation",
     "QRLinear",
     "RationalLinearSpline",
@@ -69,6 +70,7 @@ __all__ = [
     "Squeeze",
     "Squeezed",
     "coupling_mask",
+    "has_inverse",
     "image_mask",
     "rational_linear_spline",
     "rational_quadratic_spline",

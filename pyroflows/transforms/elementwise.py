@@ -78,6 +78,13 @@ def _standardise(module: FlowTransform, mean: torch.Tensor, std: torch.Tensor, i
     """Set an ActNorm's ``shift``/``log_scale`` so that the batch with these per-feature (or
     per-channel) statistics comes out standardised, and mark the module initialised (its
     ``initialized`` buffer and the Python mirror)."""
+    if torch.jit.is_tracing():
+        # A trace would record this batch's statistics as constants and fail on the flag.
+        raise RuntimeError(
+            f"{type(module).__name__} is not initialised yet: its first batch sets its "
+            "parameters from data, which torch.jit.trace cannot record. Run the flow once on "
+            "data before tracing (e.g. flow().log_prob(x) under torch.no_grad(), or pf.fit)"
+        )
     with torch.no_grad():
         if inverse:  # x = (y - t) exp(-s) standardised
             module.shift.copy_(mean)

@@ -3,6 +3,7 @@ import io
 import pytest
 import torch
 
+import pyroflows as pf
 from pyroflows.transforms import ActNorm, ElementwiseAffine, LeakyReLU, Logit, Sigmoid, SinhArcsinh
 
 
@@ -126,3 +127,22 @@ def test_sinh_arcsinh_is_finite_far_in_the_tails(dtype):
 def test_bad_dims_are_value_errors(cls, dim):
     with pytest.raises(ValueError, match="dim: expected a positive integer"):
         cls(dim)
+
+
+def test_tracing_a_flow_with_an_uninitialised_actnorm_says_to_initialise_it_first():
+    class Scored(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flow = pf.NSF(2, layers=1, hidden=(8,), bins=4)  # ActNorm after each layer
+
+        def forward(self, x):
+            return self.flow().log_prob(x)
+
+    module, x = Scored(), torch.randn(16, 2) * 3
+    with pytest.raises(RuntimeError, match=r"ActNorm is not initialised yet.*before tracing"):
+        torch.jit.trace(module, x, check_trace=False)
+    with torch.no_grad():
+        module(x)  # the first batch initialises ActNorm
+    traced = torch.jit.trace(module, x, check_trace=False)
+    y = torch.randn(5, 2)
+    torch.testing.assert_close(traced(y), module(y))
