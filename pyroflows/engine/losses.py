@@ -151,7 +151,7 @@ class NegativeLogLikelihood(_FlowLoss):
         >>> from pyroflows.engine import NegativeLogLikelihood
         >>> flow = pf.RealNVP(dim=2, layers=1, hidden=(8,))
         >>> nll = NegativeLogLikelihood(flow)
-        >>> round(float(nll(torch.zeros(4, 2))), 4)  # an untrained flow is N(0, I)
+        >>> round(float(nll(torch.zeros(4, 2)).detach()), 4)  # an untrained flow is N(0, I)
         1.8379
     """
 

@@ -129,6 +129,7 @@ def test_bad_dims_are_value_errors(cls, dim):
         cls(dim)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::DeprecationWarning")
 def test_tracing_a_flow_with_an_uninitialised_actnorm_says_to_initialise_it_first():
     class Scored(torch.nn.Module):
         def __init__(self):
