@@ -247,9 +247,16 @@ class Reverse(Permutation):
     def __init__(self, dim: int) -> None:
         super().__init__(check_positive_int("dim", dim), perm=torch.arange(dim - 1, -1, -1))
 
-    # flip is a plain strided copy, cheaper still than a gather.
+    # Eagerly, flip is a plain strided copy, cheaper still than a gather. Compiled, Permutation's
+    # gather is faster: torch.compile fuses a flip into the next layer's elementwise work (its
+    # conditioner's input clamp and its backward) with reversed reads that cost a compiled MAF
+    # step at dim 64 about 9% on a CPU.
     def _forward_and_log_det(self, x, context):
+        if torch.compiler.is_compiling():
+            return super()._forward_and_log_det(x, context)
         return x.flip(-1), x.new_zeros(_batch(x))
 
     def _inverse_and_log_det(self, y, context):
+        if torch.compiler.is_compiling():
+            return super()._inverse_and_log_det(y, context)
         return y.flip(-1), y.new_zeros(_batch(y))
