@@ -214,6 +214,7 @@ def fit(
     settings.update(weight_decay=weight_decay, scheduler=scheduler, warmup=warmup)
     settings.update(clip_grad=clip_grad, dequantize=dequantize, compile=compile)
     fingerprint = {"loss": loss.fingerprint(), "data": describe(rows), "settings": settings}
+    fingerprint["valid"] = describe(valid_set)  # a held-out fraction or validation data
     folder = None if checkpoint is None else Path(checkpoint)
     return train(
         Step(loss, opt, clip_grad=clip_grad, compile=compile),

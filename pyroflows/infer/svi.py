@@ -211,7 +211,7 @@ def fit_svi(
     if seed is not None:
         pyro.set_rng_seed(seed)
     generator = make_generator(seed, checkpoint)
-    source, chunks, rows = NoData(), None, None
+    source, chunks, rows, valid_set = NoData(), None, None, None
     if data is not None:
         rows = as_rows("data", data)
         train_rows, valid_set = split(rows, valid, generator)
@@ -233,6 +233,7 @@ def fit_svi(
     settings = dict(batch_size=batch_size, lr=lr, seed=seed)
     settings.update(optimizer=name_of(optimizer))
     fingerprint = {"loss": objective.fingerprint(), "data": describe(rows), "settings": settings}
+    fingerprint["valid"] = describe(valid_set)
     return train(
         Step(objective, PyroOptimizer(pyro_optim, objective.parameters)),
         source,

@@ -167,3 +167,9 @@ def test_a_flow_that_cannot_be_saved_by_name_still_checkpoints_and_resumes(tmp_p
     assert (tmp_path / "state.pt").is_file() and not (tmp_path / "model").exists()
     history = pf.fit(flow, data(), checkpoint=tmp_path, resume=True, **COMMON)
     assert history.first_step == 10 and history.steps == 20
+
+
+def test_resuming_with_another_validation_split_is_refused(checkpoint):
+    # another held-out fraction trains on other rows: not the run in the checkpoint
+    with pytest.raises(pf.CheckpointError, match=r"valid\.tensors\[0\]\.shape: \[30, 2\]"):
+        pf.fit(small_flow(), data(), checkpoint=checkpoint, resume=True, valid=0.2, **COMMON)
