@@ -195,13 +195,7 @@ def fit(
     train_rows, valid_set = split(rows, valid, generator)
     if valid_set is not None and valid_set is valid:
         valid_set = _flow_rows(flow, "valid", valid, "valid_context", valid_context, dtype)
-    prepare = None
-    if dequantize is not None:
-        _dequantize(train_rows[0], dequantize)  # refuses data that are not integers in range
-        prepare = functools.partial(_fresh_dequantize, bits=dequantize)
-        if valid_set is not None:
-            noisy = _dequantize(valid_set[0], dequantize, generator=generator).to(dtype)
-            valid_set = (noisy, *valid_set[1:])
+    prepare, valid_set = _dequantization(dequantize, train_rows, valid_set, generator, dtype)
 
     device = torch.device(device) if device is not None else (params[0].device if params else None)
     flow.to(device)
@@ -255,6 +249,18 @@ def _flow_rows(flow: Flow, name: str, data: Any, context_name: str, context: Any
     if len(c) != len(x):
         raise ValueError(f"{context_name}: expected {len(x)} rows, one per data row; got {len(c)}")
     return x, c
+
+
+def _dequantization(bits: int | None, train_rows: tuple, valid_set: tuple | None, generator, dtype):
+    """With ``bits``: the per-batch dequantisation of training images, and the validation set
+    dequantised once (from ``generator``); without, nothing and the validation set as it is."""
+    if bits is None:
+        return None, valid_set
+    _dequantize(train_rows[0], bits)  # refuses data that are not integers in range
+    if valid_set is not None:
+        noisy = _dequantize(valid_set[0], bits, generator=generator).to(dtype)
+        valid_set = (noisy, *valid_set[1:])
+    return functools.partial(_fresh_dequantize, bits=bits), valid_set
 
 
 def _fresh_dequantize(x: torch.Tensor, bits: int) -> torch.Tensor:
