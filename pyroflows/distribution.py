@@ -25,7 +25,6 @@ things make that so:
 
 from __future__ import annotations
 
-import itertools
 import weakref
 
 import pyro.distributions as dist
@@ -107,13 +106,31 @@ _REFERENCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def _reference(flow) -> torch.Tensor | None:
     """A floating tensor of the flow that tells its dtype and device: its first parameter
     (``.to()`` and ``.double()`` change parameters in place, where buffers are replaced), else
-    a buffer. Looked up once per flow."""
-    ref = _REFERENCES.get(flow)
-    if ref is None:
-        tensors = itertools.chain(flow.parameters(), flow.buffers())
-        ref = next((t for t in tensors if t.is_floating_point()), False)
-        _REFERENCES[flow] = ref
-    return ref if ref is not False else None
+    a buffer. Found once per flow and kept with the path of dictionary slots that leads to it,
+    which is checked on every use: a parameter or submodule replaced (``load_state_dict(...,
+    assign=True)``, a swapped layer) is found afresh."""
+    cached = _REFERENCES.get(flow)
+    if cached is not None and all(slot.get(key) is obj for slot, key, obj in cached[1]):
+        return cached[0]
+    found = _first_floating(flow, "_parameters", []) or _first_floating(flow, "_buffers", [])
+    found = found or (None, [])
+    _REFERENCES[flow] = found
+    return found[0]
+
+
+def _first_floating(module, kind: str, path: list) -> tuple | None:
+    """The first floating tensor among ``module``'s parameters (or buffers), in the order of
+    ``module.parameters()``, with the slots on the way to it."""
+    slots = getattr(module, kind)
+    for key, t in slots.items():
+        if t is not None and t.is_floating_point():
+            return t, [*path, (slots, key, t)]
+    for key, child in module._modules.items():
+        if child is not None:
+            found = _first_floating(child, kind, [*path, (module._modules, key, child)])
+            if found is not None:
+                return found
+    return None
 
 
 def _as_dtype(name: str, what: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -202,7 +219,7 @@ class FlowDistribution(dist.TransformedDistribution):
         self._built: _Built | None = None
         self._drawn: _Drawn | None = None
         self._dtype: torch.dtype | None = None
-        self._where: tuple | None = None  # (reference tensor, dtype, device) of the flow
+        self._where: tuple | None = None  # (dtype, device) of the flow when made
         self._name = type(self).__name__
         self._base_event_ndims = base_event_ndims
         self._has_rsample = has_rsample
@@ -241,7 +258,7 @@ class FlowDistribution(dist.TransformedDistribution):
                 torch.distributions.Distribution.__init__(d, batch_shape, event_shape)
                 d._live = live
                 d._dtype = dtype
-                d._where = None if ref is None else (ref, ref.dtype, ref.device)
+                d._where = None if ref is None else (ref.dtype, ref.device)
                 d._name = name
                 return d
         raw = live.build()
@@ -259,7 +276,7 @@ class FlowDistribution(dist.TransformedDistribution):
         d._live, d._fixed = live, None
         d._built = _Built(adapted, live.state(), fresh=True)
         d._dtype = dtype
-        d._where = None if ref is None else (ref, ref.dtype, ref.device)
+        d._where = None if ref is None else (ref.dtype, ref.device)
         d._name = name
         return d
 
@@ -296,11 +313,14 @@ class FlowDistribution(dist.TransformedDistribution):
 
     def _check_moved(self) -> None:
         where = self._where
-        if where is not None and (where[0].dtype != where[1] or where[0].device != where[2]):
+        if where is None:
+            return
+        ref = _reference(self._live.root)  # the flow's tensors now (they may have been replaced)
+        if ref is not None and (ref.dtype, ref.device) != where:
             raise ValueError(
-                f"{self._name}: expected the flow in {where[1]} on {where[2]}, as when this "
-                f"distribution was made; got a flow moved to {where[0].dtype} on "
-                f"{where[0].device}: call the flow again for a distribution of the moved flow"
+                f"{self._name}: expected the flow in {where[0]} on {where[1]}, as when this "
+                f"distribution was made; got a flow moved to {ref.dtype} on "
+                f"{ref.device}: call the flow again for a distribution of the moved flow"
             )
 
     # -- sampling and scoring -------------------------------------------------------------------

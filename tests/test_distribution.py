@@ -396,6 +396,21 @@ def test_a_flow_moved_after_the_distribution_was_made_is_refused():
     assert d.log_prob(torch.randn(4, DIM)).dtype == torch.float64
 
 
+def test_a_flow_whose_tensors_were_replaced_is_judged_by_its_tensors_now():
+    # load_state_dict(assign=True) puts new Parameter objects in the modules: a dtype read from
+    # the tensors the flow had before would be stale (the flow below was float64, not float32).
+    flow = pf.RealNVP(DIM, layers=1, hidden=H)
+    x = torch.randn(4, DIM)
+    kept = flow()
+    kept.log_prob(x)
+    state = {k: v.clone() for k, v in flow.state_dict().items()}
+    flow.load_state_dict(state, assign=True)
+    flow.double()
+    assert flow().log_prob(x.double()).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"moved to torch.float64 on cpu: call the flow again"):
+        kept.log_prob(x)
+
+
 def test_a_kept_flow_with_a_one_way_foreign_transform_refuses_a_stale_sample():
     """Pyro's planar transform caches its last pass keyed on the input alone: after a
     parameter change it would score an old sample from that pass; a fresh flow cannot score it
