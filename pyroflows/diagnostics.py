@@ -102,11 +102,11 @@ def _weights(model, guide, args, kwargs, num_samples, batch, max_plate_nesting) 
     log_w = importance_draws(
         model,
         guide,
-        *args,
+        args,
+        kwargs,
         num_samples=num_samples,
         batch=batch,
         max_plate_nesting=max_plate_nesting,
-        **kwargs,
     ).log_weights
     if not torch.isfinite(log_w).any():
         raise ValueError(
@@ -259,12 +259,12 @@ def to_inference_data(
     draws = importance_draws(
         model,
         guide,
-        *args,
+        args,
+        kwargs,
         num_samples=num_samples,
         batch=batch,
         max_plate_nesting=max_plate_nesting,
         latents=True,
-        **kwargs,
     )
     groups = {
         "posterior": {name: value.unsqueeze(0).numpy() for name, value in draws.latents.items()}

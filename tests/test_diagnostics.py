@@ -137,7 +137,7 @@ def test_the_diagnostics_in_docs_objectives_run_as_written():
 
 def test_importance_draws_is_what_the_diagnostics_read():
     pyro.set_rng_seed(0)
-    draws = importance_draws(model, guide_with(1.5), X, num_samples=300, batch=128, latents=True)
+    draws = importance_draws(model, guide_with(1.5), (X,), num_samples=300, batch=128, latents=True)
     assert isinstance(draws, ImportanceDraws)
     assert draws.log_weights.shape == (300,) and draws.log_weights.dtype == torch.float64
     assert set(draws.latents) == {"z"} and draws.latents["z"].shape == (300,)
@@ -149,8 +149,27 @@ def test_importance_draws_is_what_the_diagnostics_read():
     )
     torch.testing.assert_close(draws.log_weights, expected.double(), atol=1e-4, rtol=0)
     pyro.set_rng_seed(0)
-    again = importance_draws(model, guide_with(1.5), X, num_samples=300, batch=128)
+    again = importance_draws(model, guide_with(1.5), (X,), num_samples=300, batch=128)
     assert again.latents == {}
     torch.testing.assert_close(again.log_weights, draws.log_weights)
     with pytest.raises(ValueError, match="expected at least one latent sample site"):
-        importance_draws(lambda x: None, lambda x: None, X, num_samples=10, latents=True)
+        importance_draws(lambda x: None, lambda x: None, (X,), num_samples=10, latents=True)
+
+
+def test_a_model_keyword_named_like_an_option_of_importance_draws_reaches_the_model():
+    # The model's keywords travel apart from the draws' own options: a model keyword
+    # ``latents`` is the model's, not a request for latent values.
+    seen = []
+
+    def keyword_model(x, latents=None):
+        seen.append(latents)
+        model(x)
+
+    def keyword_guide(x, latents=None):
+        guide_with(1.5)(x)
+
+    pf.diagnostics.psis_khat(keyword_model, keyword_guide, X, num_samples=50, latents="mine")
+    data = pf.diagnostics.to_inference_data(
+        keyword_model, keyword_guide, X, num_samples=20, latents="mine"
+    )
+    assert set(seen) == {"mine"} and "z" in data.posterior

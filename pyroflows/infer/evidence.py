@@ -83,12 +83,13 @@ class ImportanceDraws(NamedTuple):
 def importance_draws(
     model: Callable,
     guide: Callable,
-    *args: Any,
+    args: tuple = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
     num_samples: int,
     batch: int = DEFAULT_BATCH,
     max_plate_nesting: int | None = None,
     latents: bool = False,
-    **kwargs: Any,
 ) -> ImportanceDraws:
     r"""``num_samples`` guide draws with their joint log importance weights, in chunks.
 
@@ -102,14 +103,15 @@ def importance_draws(
     Args:
         model: a Pyro model (with its data, through ``args``/``kwargs``, observed).
         guide: a guide over the model's latent sites.
-        *args: passed to the model and guide.
+        args: positional arguments of the model and guide (a tuple: the model's own keywords
+            cannot collide with this function's).
+        kwargs: keyword arguments of the model and guide.
         num_samples: number of draws (at least 2).
         batch: particles per vectorised chunk.
         max_plate_nesting: the deepest plate nesting in the model and guide; ``None`` guesses
             it from one unvectorised run.
         latents: also return the model's values of every latent site for the same draws
             (found from one more unvectorised run).
-        **kwargs: passed to the model and guide.
 
     Returns:
         An :class:`ImportanceDraws` ``(log_weights, latents)``.
@@ -130,6 +132,7 @@ def importance_draws(
         torch.Size([6])
     """
     _check_counts(num_samples, batch)
+    args, kwargs = tuple(args), dict(kwargs or {})
     shapes = _latent_shapes(model, guide, args, kwargs) if latents else {}
     if latents and not shapes:
         raise ValueError("model: expected at least one latent sample site; found none")
@@ -231,10 +234,10 @@ def log_evidence(
     draws = importance_draws(
         model,
         guide,
-        *args,
+        args,
+        kwargs,
         num_samples=num_samples,
         batch=batch,
         max_plate_nesting=max_plate_nesting,
-        **kwargs,
     )
     return _logmeanexp_and_se(draws.log_weights)
