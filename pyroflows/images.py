@@ -32,14 +32,36 @@ from torch.distributions import Distribution
 
 from ._checks import check_positive_int
 
-__all__ = ["bits_per_dim", "dequantize"]
+__all__ = ["bits_per_dim", "check_images", "dequantize"]
 
 # Integer dtypes torch compares and adds reliably; others are widened to int64 first.
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _integer_images(x: Any, bits: int) -> torch.Tensor:
-    """``x`` as a tensor, after checking that it holds integers in ``[0, 2**bits - 1]``."""
+def check_images(x: Any, bits: int = 8) -> torch.Tensor:
+    """``x`` as a tensor, after checking that it holds integers in ``[0, 2**bits - 1]``.
+
+    What :func:`dequantize` checks first; call it once on a data set that is then dequantised
+    batch by batch with ``dequantize(batch, bits, check=False)`` (as :func:`pyroflows.fit`
+    does with ``dequantize=8``).
+
+    Args:
+        x: a tensor or numpy array (integer, bool or float holding integers).
+        bits: bits per number.
+
+    Returns:
+        ``x`` as a tensor (bool as ``uint8``; numpy arrays copied).
+
+    Raises:
+        ValueError: for values outside ``[0, 2**bits - 1]``, non-integers or NaN.
+        TypeError: when ``x`` is neither a tensor nor a numeric numpy array.
+
+    Example:
+        >>> import torch
+        >>> from pyroflows.images import check_images
+        >>> check_images(torch.tensor([0.0, 255.0])).tolist()
+        [0.0, 255.0]
+    """
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "biuf":
             raise TypeError(f"x: expected an integer or float array; got dtype {x.dtype}")
@@ -92,7 +114,11 @@ def _scale(x: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def dequantize(
-    x: torch.Tensor | np.ndarray, bits: int = 8, generator: torch.Generator | None = None
+    x: torch.Tensor | np.ndarray,
+    bits: int = 8,
+    generator: torch.Generator | None = None,
+    *,
+    check: bool = True,
 ) -> torch.Tensor:
     """Uniform dequantisation of integer images: ``y = (x + u) / 2**bits``, ``u ~ U[0, 1)``.
 
@@ -110,6 +136,8 @@ def dequantize(
         bits: bits per number of the data (8 for 8-bit images), so ``2**bits`` levels.
         generator: a ``torch.Generator`` for reproducible noise (drawn on its device, then moved
             to ``x``'s); ``None`` uses torch's global generator.
+        check: check ``x`` with :func:`check_images` first; ``False`` for batches of data
+            checked once already.
 
     Returns:
         A float tensor shaped like ``x``, on ``x``'s device, with ``x``'s dtype when ``x`` is
@@ -133,7 +161,7 @@ def dequantize(
         (torch.float32, True)
     """
     bits = check_positive_int("bits", bits)
-    x = _integer_images(x, bits)
+    x = check_images(x, bits) if check else torch.as_tensor(x)
     dtype = x.dtype if x.is_floating_point() else torch.get_default_dtype()
     return _scale(x, _noise(tuple(x.shape), dtype, x.device, generator), bits)
 
@@ -242,7 +270,7 @@ def bits_per_dim(
     bits = check_positive_int("bits", bits)
     samples = check_positive_int("samples", samples)
     batch_size = check_positive_int("batch_size", batch_size)
-    x = _integer_images(x, bits)
+    x = check_images(x, bits)
     is_dist = isinstance(flow_or_dist, Distribution)
     if is_dist and context is not None:
         raise ValueError(

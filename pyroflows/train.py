@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import images
 from ._checks import (
     check_length,
     check_nonnegative_int,
@@ -52,7 +53,6 @@ from .engine.sources import (
     validation_chunks,
 )
 from .flows import Flow
-from .images import dequantize as _dequantize
 from .io import can_save, save
 
 __all__ = ["History", "TrainStep", "TrainingDiverged", "fit"]
@@ -252,17 +252,13 @@ def _flow_rows(flow: Flow, name: str, data: Any, context_name: str, context: Any
 
 
 def _dequantization(bits: int | None, train_rows: tuple, valid_set: tuple | None, generator, dtype):
-    """With ``bits``: the per-batch dequantisation of training images, and the validation set
-    dequantised once (from ``generator``); without, nothing and the validation set as it is."""
+    """With ``bits``: the per-batch dequantisation of training images (torch's global generator,
+    which checkpoints save, so resumed runs repeat it), and the validation set dequantised once
+    (from ``generator``); without, nothing and the validation set as it is."""
     if bits is None:
         return None, valid_set
-    _dequantize(train_rows[0], bits)  # refuses data that are not integers in range
+    images.check_images(train_rows[0], bits)  # refuses data that are not integers in range
     if valid_set is not None:
-        noisy = _dequantize(valid_set[0], bits, generator=generator).to(dtype)
+        noisy = images.dequantize(valid_set[0], bits, generator=generator).to(dtype)
         valid_set = (noisy, *valid_set[1:])
-    return functools.partial(_fresh_dequantize, bits=bits), valid_set
-
-
-def _fresh_dequantize(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Every batch dequantised afresh (torch's global generator, so resumed runs repeat it)."""
-    return (x + torch.rand_like(x)) / 2**bits
+    return functools.partial(images.dequantize, bits=bits, check=False), valid_set

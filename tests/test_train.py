@@ -353,3 +353,13 @@ def test_fit_with_compile_on_cuda_equals_eager_fit(warmup):
     assert np.isfinite(compiled.train_loss).all(), compiled.train_loss
     np.testing.assert_allclose(compiled.train_loss, eager.train_loss, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(compiled.valid_nll, eager.valid_nll, rtol=1e-4, atol=1e-4)
+
+
+def test_fit_dequantises_batches_into_the_unit_interval_open_at_one():
+    # (255 + u) / 256 rounds to exactly 1.0 for u within an ulp of 1 (about 30 in 4 million
+    # float32 draws): fit's batches go through images.dequantize, which keeps them below 1.
+    from pyroflows.train import _dequantization
+
+    torch.manual_seed(0)
+    prepare, _ = _dequantization(8, (torch.full((4_000_000,), 255.0),), None, None, torch.float32)
+    assert prepare(torch.full((4_000_000,), 255.0)).max() < 1.0
