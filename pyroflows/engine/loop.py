@@ -84,11 +84,11 @@ class _Guard:
     are all good the candidate is known good.
     """
 
-    def __init__(self, params: list[torch.Tensor], reference: float | None) -> None:
+    def __init__(self, params: list[torch.Tensor], reference: float | None, step: int) -> None:
         self.params = params
         self.good = [p.detach().clone() for p in params]
         self.candidate = [p.detach().clone() for p in params]
-        self.good_step = self.candidate_step = -1
+        self.good_step = self.candidate_step = step  # both hold the state at ``step``
         self.reference = reference
 
     def advance(self, step: int) -> None:
@@ -147,7 +147,7 @@ class _Run:
                 self.history.train_loss.extend(values[:i])
                 self.history.steps = first + i
                 self.history.seconds += time.perf_counter() - t0
-                restored = max(guard.restore(first + i), 0)
+                restored = guard.restore(first + i)
                 what = (
                     f"is {v}"
                     if not far
@@ -239,7 +239,7 @@ class _Run:
         reference = self.apply(state) if state is not None else None
         history = self.history
         start = history.steps
-        self.guard = _Guard(self.loss.parameters(), reference)
+        self.guard = _Guard(self.loss.parameters(), reference, start)
         pending: list = []
         bar = tqdm(
             total=self.total, initial=start, disable=not self.progress, unit="step", desc=self.name
@@ -252,7 +252,7 @@ class _Run:
                     self.flush(pending, step, t0)
                     current = self.loss.parameters()
                     if len(current) != len(self.guard.params):  # a parameter appeared
-                        self.guard = _Guard(current, self.guard.reference)
+                        self.guard = _Guard(current, self.guard.reference, step)
                     self.guard.advance(step)
                 batch = self.source.batch(step)
                 pending.append(self.step(*self.loss.inputs(batch)))

@@ -173,3 +173,15 @@ def test_a_pyro_elbo_cannot_be_compiled():
     loss = engine.SVILoss(lambda: None, lambda: None, pyro.infer.Trace_ELBO())
     with pytest.raises(ValueError, match="cannot be compiled"):
         engine.Step(loss, engine.PyroOptimizer(pyro.optim.Adam({}), loss.parameters), compile=True)
+
+
+def test_a_resumed_run_that_diverges_at_once_names_the_step_it_resumed_from(tmp_path):
+    x = torch.randn(200, 2)
+    kwargs = {"steps": 20, "valid": None, "progress": False, "seed": 0, "eval_every": 5}
+    steady = Jumping(bad_call=10**9, jump=0.0)
+    pf.fit(steady, x, checkpoint=tmp_path, callback=lambda step, h: step == 10, **kwargs)
+    flow = Jumping(bad_call=1, jump=1e4)  # a resumed run skips initialisation: call 1 = step 10
+    match = r"loss at step 10 is .* restored to its state at step 10,"
+    with pytest.raises(pf.TrainingDiverged, match=match):
+        pf.fit(flow, x, checkpoint=tmp_path, resume=True, **kwargs)
+    torch.testing.assert_close(flow.transforms[0].shift, steady.transforms[0].shift)
