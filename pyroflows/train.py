@@ -38,7 +38,6 @@ from .engine import (
     TrainingDiverged,
     TrainStep,
     make_optimizer,
-    name_of,
     schedule,
     train,
 )
@@ -47,7 +46,6 @@ from .engine.sources import (
     as_rows,
     check_rows,
     default_eval_every,
-    describe,
     make_generator,
     split,
     validation_chunks,
@@ -59,8 +57,6 @@ __all__ = ["History", "TrainStep", "TrainingDiverged", "fit"]
 
 DEFAULT_STEPS = 1000
 EVAL_BATCH = 4096
-#: steps between reads of the loss on a GPU (each read waits for the device)
-SYNC_EVERY = 25
 
 
 def fit(
@@ -204,12 +200,11 @@ def fit(
     total = epochs * source.steps_per_epoch if epochs is not None else (steps or DEFAULT_STEPS)
     opt = make_optimizer(optimizer, loss.parameters(), lr, weight_decay)
     chunks = validation_chunks(valid_set, valid_rows, EVAL_BATCH, device)
-    settings = dict(batch_size=batch_size, lr=lr, optimizer=name_of(optimizer), seed=seed)
+    folder = None if checkpoint is None else Path(checkpoint)
+    settings = dict(batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed)
     settings.update(weight_decay=weight_decay, scheduler=scheduler, warmup=warmup)
     settings.update(clip_grad=clip_grad, dequantize=dequantize, compile=compile)
-    fingerprint = {"loss": loss.fingerprint(), "data": describe(rows), "settings": settings}
-    fingerprint["valid"] = describe(valid_set)  # a held-out fraction or validation data
-    folder = None if checkpoint is None else Path(checkpoint)
+    saved = Checkpoint.for_run(folder, "fit", loss, rows, valid_set, **settings)
     return train(
         Step(loss, opt, clip_grad=clip_grad, compile=compile),
         source,
@@ -221,13 +216,12 @@ def fit(
         patience=patience,
         callback=callback,
         progress=progress,
-        checkpoint=None if folder is None else Checkpoint(folder, "fit", fingerprint),
+        checkpoint=saved,
         resume=resume,
         on_save=None
         if folder is None or not can_save(flow)
         else lambda: save(flow, folder / "model"),
         divergence=divergence,
-        sync_every=1 if device is None or device.type == "cpu" else SYNC_EVERY,
     )
 
 

@@ -39,7 +39,7 @@ Example:
 """
 
 from .checkpoint import Checkpoint, CheckpointError, name_of
-from .loop import DIVERGENCE, History, TrainingDiverged, train
+from .loop import DIVERGENCE, SYNC_EVERY, History, TrainingDiverged, train
 from .losses import Loss, NegativeLogLikelihood, ReverseKL, SVILoss
 from .optim import PyroOptimizer, make_optimizer, make_pyro_optimizer, schedule
 from .sources import Batch, Batches, Chunks, NoData
@@ -47,6 +47,7 @@ from .step import Step, TrainStep
 
 __all__ = [
     "DIVERGENCE",
+    "SYNC_EVERY",
     "Batch",
     "Batches",
     "Checkpoint",

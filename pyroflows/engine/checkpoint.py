@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .sources import describe
+
 __all__ = [
     "FILE",
     "FORMAT",
@@ -142,6 +144,37 @@ class Checkpoint:
         self.folder = Path(folder)
         self.kind = kind
         self.fingerprint = _normal(fingerprint)
+
+    @classmethod
+    def for_run(
+        cls,
+        folder: str | os.PathLike | None,
+        kind: str,
+        loss: Any,
+        data: Any = None,
+        valid: Any = None,
+        **settings: Any,
+    ) -> Checkpoint | None:
+        """The checkpoint of a front-end's run, or ``None`` without a folder (then nothing is
+        described: describing the model and the data costs a walk of both).
+
+        Args:
+            folder: the checkpoint folder, or ``None``.
+            kind: the front-end.
+            loss: the run's :class:`~pyroflows.engine.Loss` (its ``fingerprint()``).
+            data: the data tensors, described by :func:`~pyroflows.engine.sources.describe`.
+            valid: the validation tensors, likewise.
+            **settings: the settings that shape the result (named with :func:`name_of`).
+        """
+        if folder is None:
+            return None
+        fingerprint = {
+            "loss": loss.fingerprint(),
+            "data": describe(data),
+            "valid": describe(valid),
+            "settings": {k: name_of(v) for k, v in settings.items()},
+        }
+        return cls(folder, kind, fingerprint)
 
     @property
     def path(self) -> Path:

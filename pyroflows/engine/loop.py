@@ -17,15 +17,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, CheckpointError, rng_state, set_rng_state
-from .sources import Batch
+from .sources import Batch, default_eval_every
 from .step import Step
 
-__all__ = ["DIVERGENCE", "History", "TrainingDiverged", "train"]
+__all__ = ["DIVERGENCE", "SYNC_EVERY", "History", "TrainingDiverged", "train"]
 
 #: A loss above ``best + DIVERGENCE * max(1, |best|)`` (``best``: the lowest loss so far) counts
 #: as divergence, like a NaN. Far beyond the noise of any minibatch or Monte Carlo loss, and
 #: reached within a few steps by a run whose parameters blow up.
 DIVERGENCE = 1e4
+#: Steps between reads of the loss on a GPU by default (each read waits for the device, which
+#: would otherwise run ahead of Python); on a CPU every step's loss is read at once.
+SYNC_EVERY = 25
 
 
 @dataclass
@@ -290,6 +293,11 @@ class _Run:
         return history
 
 
+def _sync_every(step: Step) -> int:
+    device = step._device()
+    return 1 if device is None or device.type == "cpu" else SYNC_EVERY
+
+
 def train(
     step: Step,
     source: Any,
@@ -306,7 +314,7 @@ def train(
     resume: bool = False,
     on_save: Callable[[], None] | None = None,
     divergence: float | None = DIVERGENCE,
-    sync_every: int = 1,
+    sync_every: int | None = None,
 ) -> History:
     """Run ``steps`` optimiser steps of ``step`` on batches from ``source``; the one training loop.
 
@@ -350,7 +358,8 @@ def train(
         resume: continue from ``checkpoint`` when it holds a run.
         on_save: called after each checkpoint write (e.g. to save the model beside it).
         divergence: the factor of the divergence test (``None``: only NaN/inf count).
-        sync_every: steps between reads of the losses.
+        sync_every: steps between reads of the losses (default: every step on a CPU,
+            :data:`SYNC_EVERY` on a GPU).
 
     Returns:
         The :class:`History`.
@@ -372,7 +381,7 @@ def train(
         "name": name,
         "schedule": schedule,
         "valid": valid,
-        "eval_every": eval_every or max(1, steps // 40),
+        "eval_every": eval_every or default_eval_every(steps, None, 1),
         "patience": patience,
         "callback": callback,
         "progress": progress,
@@ -380,6 +389,6 @@ def train(
         "resume": resume,
         "on_save": on_save,
         "divergence": divergence,
-        "sync_every": sync_every,
+        "sync_every": sync_every or _sync_every(step),
     }
     return _Run(step, source, steps, settings).run()

@@ -17,7 +17,6 @@ import inspect
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import pyro
@@ -37,14 +36,12 @@ from ..engine import (
     Step,
     SVILoss,
     make_pyro_optimizer,
-    name_of,
     train,
 )
 from ..engine.sources import (
     VALID_ROWS,
     as_rows,
     default_eval_every,
-    describe,
     make_generator,
     split,
     validation_chunks,
@@ -230,10 +227,8 @@ def fit_svi(
     total = epochs * source.steps_per_epoch if epochs is not None else (steps or DEFAULT_STEPS)
 
     objective = SVILoss(model, guide, loss, args, kwargs)
-    settings = dict(batch_size=batch_size, lr=lr, seed=seed)
-    settings.update(optimizer=name_of(optimizer))
-    fingerprint = {"loss": objective.fingerprint(), "data": describe(rows), "settings": settings}
-    fingerprint["valid"] = describe(valid_set)
+    settings = dict(batch_size=batch_size, lr=lr, seed=seed, optimizer=optimizer)
+    saved = Checkpoint.for_run(checkpoint, "fit_svi", objective, rows, valid_set, **settings)
     return train(
         Step(objective, PyroOptimizer(pyro_optim, objective.parameters)),
         source,
@@ -244,9 +239,7 @@ def fit_svi(
         patience=patience,
         callback=callback,
         progress=progress,
-        checkpoint=None
-        if checkpoint is None
-        else Checkpoint(Path(checkpoint), "fit_svi", fingerprint),
+        checkpoint=saved,
         resume=resume,
         divergence=divergence,
     )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -23,7 +22,6 @@ from ..engine import (
     ReverseKL,
     Step,
     make_optimizer,
-    name_of,
     schedule,
     train,
 )
@@ -32,8 +30,6 @@ from ..flows import Flow
 __all__ = ["fit_target"]
 
 DEFAULT_STEPS = 1000
-#: steps between reads of the loss on a GPU (each read waits for the device)
-SYNC_EVERY = 25
 
 
 def fit_target(
@@ -157,9 +153,9 @@ def fit_target(
     flow.to(device)
     loss = ReverseKL(flow, log_p, num_particles, eval_particles)
     opt = make_optimizer(optimizer, loss.parameters(), lr, weight_decay)
-    settings = dict(lr=lr, optimizer=name_of(optimizer), weight_decay=weight_decay)
-    settings.update(scheduler=scheduler, clip_grad=clip_grad, seed=seed)
-    fingerprint = {"loss": loss.fingerprint(), "settings": settings}
+    settings = dict(lr=lr, optimizer=optimizer, weight_decay=weight_decay, seed=seed)
+    settings.update(scheduler=scheduler, clip_grad=clip_grad)
+    saved = Checkpoint.for_run(checkpoint, "fit_target", loss, **settings)
     return train(
         Step(loss, opt, clip_grad=clip_grad),
         NoData(),
@@ -171,10 +167,7 @@ def fit_target(
         patience=patience,
         callback=callback,
         progress=progress,
-        checkpoint=None
-        if checkpoint is None
-        else Checkpoint(Path(checkpoint), "fit_target", fingerprint),
+        checkpoint=saved,
         resume=resume,
         divergence=divergence,
-        sync_every=1 if device is None or device.type == "cpu" else SYNC_EVERY,
     )
