@@ -51,7 +51,7 @@ from .datasets import TOYS, Toy, load_data
 from .evaluation import Evaluation, evaluate
 from .flows import Flow, vector_builders
 from .io import CONFIG_FILE, load
-from .report import fit_and_report
+from .report import fit_and_report, format_estimate
 from .train import TrainingDiverged
 
 __all__ = ["build_parser", "demo", "main", "run_demo"]
@@ -437,12 +437,6 @@ def _build_flow(args: argparse.Namespace, dim: int) -> Flow:
     return vector_builders()[name](dim, **kwargs)
 
 
-def _fmt(mean: float | None, se: float | None) -> str:
-    if mean is None:
-        return "n/a"
-    return f"{mean:.4f}" + (f" ± {se:.4f}" if se is not None else "")
-
-
 # ---------------------------------------------------------------------------------------------
 # fit and demo
 # ---------------------------------------------------------------------------------------------
@@ -586,12 +580,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    nll = _fmt(score.nll, score.nll_se)
+    nll = format_estimate(score.nll, score.nll_se)
     print(f"mean NLL {nll} nats per point ({len(x):,} points of {args.data})")
     if known:
         print(
-            f"KL(p||q) gap {_fmt(score.kl_gap, score.kl_gap_se)} nats "
-            f"(true entropy {_fmt(score.entropy, score.entropy_se)})"
+            f"KL(p||q) gap {format_estimate(score.kl_gap, score.kl_gap_se)} nats "
+            f"(true entropy {format_estimate(score.entropy, score.entropy_se)})"
         )
     return 0
 

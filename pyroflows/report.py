@@ -25,7 +25,7 @@ from .flows import NSF, Flow, LinearFlow
 from .io import save
 from .train import fit
 
-__all__ = ["describe", "fit_and_report", "plot_density"]
+__all__ = ["describe", "fit_and_report", "format_estimate", "plot_density"]
 
 #: The density plot shows at most this many training points and as many flow samples.
 PLOT_POINTS = 20_000
@@ -53,7 +53,14 @@ def describe(flow: Flow) -> str:
     return f"{type(flow).__name__} ({', '.join(parts)})"
 
 
-def _fmt(mean: float | None, se: float | None) -> str:
+def format_estimate(mean: float | None, se: float | None) -> str:
+    """An estimate as the reports print it: ``"1.2345 ± 0.0012"``, ``"n/a"`` without one.
+
+    Example:
+        >>> from pyroflows.report import format_estimate
+        >>> format_estimate(1.23456, 0.01), format_estimate(None, None)
+        ('1.2346 ± 0.0100', 'n/a')
+    """
     if mean is None:
         return "n/a"
     return f"{mean:.4f}" + (f" ± {se:.4f}" if se is not None else "")
@@ -310,15 +317,18 @@ def fit_and_report(
         + ("; stopped early" if history.stopped_early else "")
         + ("; interrupted (kept the best state so far)" if history.interrupted else "")
     )
+
+    def shown(key: str) -> str:
+        return format_estimate(metrics[key], metrics[f"{key}_se"])
+
     echo(
-        f"NLL (nats per point): train {_fmt(metrics['train_nll'], metrics['train_nll_se'])}, "
-        f"valid {_fmt(metrics['valid_nll'], metrics['valid_nll_se'])}, "
-        f"test {_fmt(metrics['test_nll'], metrics['test_nll_se'])}"
+        f"NLL (nats per point): train {shown('train_nll')}, valid {shown('valid_nll')}, "
+        f"test {shown('test_nll')}"
     )
     if metrics["kl_gap"] is not None:
         echo(
-            f"KL(p||q) gap {_fmt(metrics['kl_gap'], metrics['kl_gap_se'])} nats "
-            f"(test NLL minus the true entropy {_fmt(metrics['entropy'], metrics['entropy_se'])})"
+            f"KL(p||q) gap {shown('kl_gap')} nats "
+            f"(test NLL minus the true entropy {shown('entropy')})"
         )
     if note:
         echo(note)
