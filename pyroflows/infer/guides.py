@@ -448,6 +448,40 @@ class AutoFlowGuide(AutoContinuous):
             pyro.module(self._pyro_get_fullname("flow"), flow, update_module_params=True)
         return flow()
 
+    # -- the fast reverse-KL path ------------------------------------------------------------------
+    def _reverse_kl(
+        self, log_p: Callable[[torch.Tensor], torch.Tensor], num_particles: int, objective: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One estimate of the objective on ``num_particles`` reparameterised draws of the packed
+        latent, for :mod:`pyroflows.infer.fast`.
+
+        Returns ``(value, surrogate)``: the loss (``-ELBO``, or ``-`` the IWAE bound for
+        ``"iwae"``/``"dreg"``) and a 0-d tensor whose gradient is the estimator's: the ELBO's
+        (``"elbo"``), its path-only part (``"stl"``: ``log q`` scored at the detached draws, so
+        the score term cancels), the IWAE bound's (``"iwae"``) or the doubly reparameterised one
+        (``"dreg"``: squared normalised weights on the path-only gradients). ``"stl"`` and
+        ``"dreg"`` score the detached draws with the flow's inverse (one pass per coupling layer,
+        ``latent_dim`` sequential passes per IAF layer).
+        """
+        q = self.get_posterior()
+        z = q.rsample((num_particles,))
+        log_p_z = log_p(z)
+        log_w = log_p_z - q.log_prob(z)
+        if objective in ("stl", "dreg"):
+            path = log_w + q.log_prob(z.detach())  # the gradient of log w through z only
+        if objective == "elbo":
+            value = -log_w.mean()
+            return value, value
+        if objective == "stl":
+            return -log_w.mean(), -path.mean()
+        value = math.log(num_particles) - torch.logsumexp(log_w, dim=0)
+        if objective == "iwae":
+            return value, value
+        if objective == "dreg":
+            w = torch.softmax(log_w.detach(), dim=0)
+            return value, -(w * w * path).sum()
+        raise ValueError(f"objective: expected 'elbo', 'stl', 'iwae' or 'dreg'; got {objective!r}")
+
     # -- summaries ---------------------------------------------------------------------------------
     def _ensure_prototype(self, args: tuple, kwargs: dict) -> None:
         if self.prototype_trace is None:

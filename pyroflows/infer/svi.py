@@ -22,7 +22,6 @@ from typing import Any
 import pyro
 import pyro.optim
 import torch
-from pyro.infer import Trace_ELBO
 from torch import nn
 
 from .._checks import check_length, check_positive, check_run
@@ -35,6 +34,7 @@ from ..engine import (
     PyroOptimizer,
     Step,
     SVILoss,
+    make_optimizer,
     make_pyro_optimizer,
     train,
 )
@@ -46,6 +46,7 @@ from ..engine.sources import (
     split,
     validation_chunks,
 )
+from .fast import default_loss, fast_loss
 
 __all__ = ["fit_svi"]
 
@@ -91,6 +92,8 @@ def fit_svi(
     callback: Callable[[int, History], bool | None] | None = None,
     valid_rows: int | None = VALID_ROWS,
     divergence: float | None = DIVERGENCE,
+    fast: bool | None = None,
+    compile: bool | str = False,
     **kwargs: Any,
 ) -> History:
     """Train a guide (and the model's parameters) by stochastic variational inference.
@@ -193,7 +196,7 @@ def fit_svi(
         >>> abs(guide.median()["mu"].item() - x.mean().item()) < 0.2
         True
     """
-    loss = Trace_ELBO() if loss is None else loss
+    loss = default_loss(guide) if loss is None else loss
     if not (hasattr(loss, "loss") and hasattr(loss, "loss_and_grads")):
         raise TypeError(
             f"loss: expected a Pyro ELBO (e.g. Trace_ELBO()); got {type(loss).__name__}"
@@ -202,6 +205,7 @@ def fit_svi(
     check_positive("lr", lr)
     check_run(eval_every, patience, valid_rows, checkpoint, resume)
     _check_calling_convention(model, guide, data, epochs=epochs, valid=valid, patience=patience)
+    _check_fast(fast, compile, data, optimizer)
     pyro_optim = make_pyro_optimizer(optimizer, lr)
     device = torch.device(device) if device is not None else None
 
@@ -226,11 +230,25 @@ def fit_svi(
         kwargs = {k: _to(v, device) for k, v in kwargs.items()}
     total = epochs * source.steps_per_epoch if epochs is not None else (steps or DEFAULT_STEPS)
 
-    objective = SVILoss(model, guide, loss, args, kwargs)
+    objective = None
+    if data is None and fast is not False and hasattr(guide, "_reverse_kl"):
+        objective = fast_loss(model, guide, loss, args, kwargs, required=bool(fast))
+    if objective is None:
+        if compile:
+            raise ValueError(
+                "compile: needs the fast path, which this model, guide or loss does not take "
+                "(see the FastPathUnavailable warning); use compile=False"
+            )
+        objective = SVILoss(model, guide, loss, args, kwargs)
+        opt = PyroOptimizer(pyro_optim, objective.parameters)
+    elif optimizer == "adam":  # the same update as pyro.optim.Adam, in one fused kernel
+        opt = make_optimizer("adam", objective.parameters(), lr)
+    else:
+        opt = PyroOptimizer(pyro_optim, objective.parameters)
     settings = dict(batch_size=batch_size, lr=lr, seed=seed, optimizer=optimizer)
     saved = Checkpoint.for_run(checkpoint, "fit_svi", objective, rows, valid_set, **settings)
     return train(
-        Step(objective, PyroOptimizer(pyro_optim, objective.parameters)),
+        Step(objective, opt, compile=compile),
         source,
         total,
         name="fit_svi",
@@ -243,6 +261,22 @@ def fit_svi(
         resume=resume,
         divergence=divergence,
     )
+
+
+def _check_fast(fast: Any, compile: Any, data: Any, optimizer: Any) -> None:
+    if fast not in (None, True, False):
+        raise ValueError(f"fast: expected None (auto), True or False; got {fast!r}")
+    if not isinstance(compile, (bool, str)):
+        raise TypeError(f"compile: expected a bool or a torch.compile mode; got {compile!r}")
+    if fast and data is not None:
+        raise ValueError(
+            "fast: the fast path trains a guide on a model without data minibatches; "
+            "with data, use fast=None or False"
+        )
+    if compile and (fast is False or data is not None):
+        raise ValueError("compile: needs the fast path (no data, fast not False)")
+    if compile and optimizer != "adam":
+        raise ValueError(f"compile: needs optimizer='adam' (a torch optimiser); got {optimizer!r}")
 
 
 NEEDS_DATA = {

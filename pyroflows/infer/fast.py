@@ -1,0 +1,228 @@
+"""The fast reverse-KL path of :func:`~pyroflows.infer.fit_svi`: a guide on a recorded model.
+
+Pyro's ``SVI`` runs the model and the guide under its handlers at every step: the Python of the
+model, the messenger stack and the trace bookkeeping cost milliseconds a step, more than the
+arithmetic of a small model and flow. When a guide can be trained on the model's density of its
+packed latent vector (an :class:`~pyroflows.infer.AutoFlowGuide`, or any guide with the
+``_reverse_kl`` method of the contract below) and the model qualifies
+(:class:`~pyroflows.infer.potential.Potential`: continuous latents of fixed shapes, no
+subsampling, no parameters of its own, the same structure at every call), :class:`FastSVI`
+records the model once and each step is plain torch:
+
+    draw ``n`` particles from the guide in one call -> ``log q`` (the flow's own samples: no
+    inversion) -> the recorded ``log p`` -> the objective -> backward -> clipping -> Adam,
+
+eager, or through ``torch.compile`` (on CUDA one CUDA graph of the whole step) with
+``compile=True``. The objective is the one the ``loss`` argument names: Pyro's ``Trace_ELBO``
+(with its ``num_particles``), :class:`~pyroflows.infer.STL_ELBO`, or
+:class:`~pyroflows.infer.IWAE` (``estimator="standard"`` or ``"dreg"``), with the same
+estimates and gradients as those objectives on the same draws (Pyro's ``Trace_ELBO`` with
+``vectorize_particles=True`` draws the same particles from the same seed). Other objectives,
+and models that do not qualify, take Pyro's traced ``SVI``; :func:`fit_svi` says why once.
+
+**The guide's contract.** ``guide._reverse_kl(log_p, num_particles, objective)`` draws
+``num_particles`` particles, scores them with ``log_p`` (``(n, latent_dim) -> (n,)``) and
+returns ``(value, surrogate)``: the loss estimate and a 0-d tensor whose gradient is the
+estimator's; ``objective`` is ``"elbo"``, ``"stl"``, ``"iwae"`` or ``"dreg"``. Its trainable
+tensors are its ``parameters()``, shared with Pyro's param store once the guide has run in
+a Pyro context (the fast path runs it once before training), so that ``Predictive``, the
+param store's ``save``/``load`` and checkpoints see the trained values.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from ..engine import Loss, SVILoss
+from .objectives import IWAE, STL_ELBO
+from .potential import NotTraceable, Potential
+
+__all__ = ["DEFAULT_PARTICLES", "FastPathUnavailable", "FastSVI", "default_loss", "objective_of"]
+
+#: particles per step of the default objective of a flow guide (``default_loss``)
+DEFAULT_PARTICLES = 16
+#: the draws the structure check of the model records it at (half at each of two points sets)
+CHECK_DRAWS = 16
+
+
+class FastPathUnavailable(UserWarning):
+    """:func:`~pyroflows.infer.fit_svi` trains with Pyro's traced ``SVI`` instead of the fast
+    path; the message says why."""
+
+
+def default_loss(guide: Any) -> pyro.infer.ELBO:
+    """The objective :func:`~pyroflows.infer.fit_svi` uses when none is given.
+
+    For a guide of the fast path (one with ``_reverse_kl``, e.g. an
+    :class:`~pyroflows.infer.AutoFlowGuide`): :class:`~pyroflows.infer.STL_ELBO` with
+    :data:`DEFAULT_PARTICLES` particles (sticking-the-landing gradients, whose variance
+    vanishes as the guide approaches the posterior); for any other guide Pyro's ``Trace_ELBO()``
+    (one particle), as ``pyro.infer.SVI`` users expect.
+
+    Example:
+        >>> from pyro.infer.autoguide import AutoNormal
+        >>> from pyroflows.infer.fast import default_loss
+        >>> type(default_loss(AutoNormal(lambda: None))).__name__
+        'Trace_ELBO'
+    """
+    if hasattr(guide, "_reverse_kl"):
+        return STL_ELBO(num_particles=DEFAULT_PARTICLES)
+    return Trace_ELBO()
+
+
+def objective_of(loss: Any) -> tuple[str, int] | None:
+    """``(objective, num_particles)`` of the fast path for a Pyro ELBO, or ``None`` when the
+    fast path has no equivalent (the traced path is then used).
+
+    Example:
+        >>> import pyro
+        >>> from pyroflows.infer import IWAE
+        >>> from pyroflows.infer.fast import objective_of
+        >>> objective_of(pyro.infer.Trace_ELBO(num_particles=8))
+        ('elbo', 8)
+        >>> objective_of(IWAE(num_particles=32, estimator="dreg"))
+        ('dreg', 32)
+        >>> objective_of(pyro.infer.TraceMeanField_ELBO()) is None
+        True
+    """
+    kind = type(loss)
+    if kind is Trace_ELBO:
+        return "elbo", int(loss.num_particles)
+    if kind is STL_ELBO:
+        return "stl", int(loss.num_particles)
+    if kind is IWAE:
+        return ("dreg" if loss.estimator == "dreg" else "iwae"), int(loss.num_particles)
+    return None
+
+
+class FastSVI(SVILoss):
+    """The engine loss of the fast path: a guide's objective on a recorded model.
+
+    Building it checks that the model qualifies (sets the guide up if needed, runs it once in a
+    Pyro context so that its parameters are the param store's, and records the model at two
+    sets of points: :meth:`Potential.check`); it raises
+    :class:`~pyroflows.infer.potential.NotTraceable` otherwise. ``loss()`` is differentiable
+    (its value is the loss estimate, its gradient the estimator's), so the engine's
+    :class:`~pyroflows.engine.Step` back-propagates it with torch and can compile it. The state
+    (checkpoints, the divergence guard's snapshots) is the param store's, as for
+    :class:`~pyroflows.engine.SVILoss`.
+
+    Args:
+        model: a Pyro model.
+        guide: a guide with ``_reverse_kl`` (an :class:`~pyroflows.infer.AutoFlowGuide`).
+        elbo: the objective (:func:`objective_of` must know it).
+        args: the model's positional arguments.
+        kwargs: the model's keyword arguments.
+
+    Example:
+        >>> import torch, pyro, pyro.distributions as dist
+        >>> import pyroflows as pf
+        >>> from pyroflows.infer.fast import FastSVI
+        >>> def model():
+        ...     pyro.sample("z", dist.Normal(1.0, 2.0))
+        >>> pyro.clear_param_store()
+        >>> guide = pf.infer.AutoFlowGuide(model, layers=1, hidden=(8,))
+        >>> loss = FastSVI(model, guide, pyro.infer.Trace_ELBO(num_particles=4))
+        >>> loss().shape
+        torch.Size([])
+    """
+
+    backward = Loss.backward  # plain torch: the engine's Step back-propagates (and can compile)
+
+    def __init__(
+        self,
+        model: Callable,
+        guide: Any,
+        elbo: pyro.infer.ELBO,
+        args: tuple = (),
+        kwargs: dict | None = None,
+    ) -> None:
+        super().__init__(model, guide, elbo, args, kwargs)
+        found = objective_of(elbo)
+        if found is None:
+            raise NotTraceable(f"the objective {type(elbo).__name__} has no fast equivalent")
+        if not hasattr(guide, "_reverse_kl"):
+            raise NotTraceable(f"the guide {type(guide).__name__} has no _reverse_kl method")
+        self.objective, self.num_particles = found
+        args, kwargs = self.args, self.kwargs
+        if getattr(guide, "prototype_trace", None) is None:
+            guide._setup_prototype(*args, **kwargs)
+        self.potential = Potential(model, guide, args, kwargs)
+        # One run of the guide in a Pyro context: its tensors become the param store's (or the
+        # store's become its own, after pyro.get_param_store().load), as SVI would do.
+        with torch.no_grad(), poutine.block(), poutine.trace(param_only=True) as params:
+            guide(*args, **kwargs)
+        names = [name for name, site in params.trace.nodes.items() if site["type"] == "param"]
+        store = self.store
+        self._params = [store._params[name] for name in names if name in store._params]
+        self._names = names
+        owned = {id(p) for p in guide.parameters()}
+        if not all(id(p) in owned for p in self._params):
+            raise NotTraceable(
+                "the guide computes with parameters that are not its own modules' "
+                "(e.g. pyro.param calls)"
+            )
+        with torch.no_grad():
+            q = guide.get_posterior()
+            draws = q.sample((CHECK_DRAWS // 2,))
+            wide = q.sample((CHECK_DRAWS // 2,)) + torch.randn_like(draws)
+            self.potential.check(torch.cat([draws, wide]))
+
+    def parameters(self) -> list[torch.Tensor]:
+        return self._params
+
+    def inputs(self, batch: None) -> tuple:
+        return ()
+
+    def log_p(self, z: torch.Tensor) -> torch.Tensor:
+        """The model's log joint density of packed unconstrained latents ``z``, ``(n, latent_dim)``
+        -> ``(n,)``."""
+        log_prior, log_lik = self.potential(z)
+        return log_prior + log_lik
+
+    def __call__(self) -> torch.Tensor:
+        value, surrogate = self.guide._reverse_kl(self.log_p, self.num_particles, self.objective)
+        # The value of the loss, the gradient of the estimator.
+        return value.detach() + (surrogate - surrogate.detach())
+
+    def validation(self, batch: Any) -> tuple[float, float]:
+        raise ValueError("FastSVI: the fast path has no validation data")
+
+    def setup(self, source: Any, fresh: bool) -> None:
+        pass  # the constructor ran the guide and recorded the model
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {**super().fingerprint(), "path": "fast", "objective": self.objective}
+
+
+def fast_loss(
+    model: Callable,
+    guide: Any,
+    elbo: pyro.infer.ELBO,
+    args: tuple,
+    kwargs: dict,
+    *,
+    required: bool,
+) -> FastSVI | None:
+    """A :class:`FastSVI` when the guide, the objective and the model qualify; otherwise
+    ``None`` after a :class:`FastPathUnavailable` warning saying why (or, with ``required``,
+    the :class:`~pyroflows.infer.potential.NotTraceable` error)."""
+    try:
+        return FastSVI(model, guide, elbo, args, kwargs)
+    except NotTraceable as err:
+        if required:
+            raise
+        warnings.warn(
+            f"fit_svi: {err}; training with Pyro's traced SVI instead (slower; pass fast=False "
+            "to choose it and silence this warning)",
+            FastPathUnavailable,
+            stacklevel=3,
+        )
+        return None
