@@ -12,6 +12,17 @@ latent site broadcasts against an outer particle plate at ``dim=-2`` (``max_plat
 * ``mesquite``: log-log regression of leaf biomass; improper flat priors on ``beta`` and
   ``sigma > 0``.
 * ``arK``: AR(5) time series.
+* ``diamonds``: log-log regression with 24 collinear, centred predictors (26 dimensions).
+* ``gp_pois_regr``: latent Gaussian-process Poisson regression (latent ``f_tilde``; the
+  reference draws hold ``f = L f_tilde`` with ``L`` the kernel's Cholesky factor).
+* ``low_dim_gauss_mix``: two-component normal mixture with ordered means (``mu`` has
+  ``ordered_vector`` support; its prior, two independent normals restricted to ``mu[1] <
+  mu[2]``, is the law of two sorted independent normals, :class:`SortedNormal`).
+* ``garch``: GARCH(1,1) with flat priors (``ImproperUniform`` on ``mu`` and ``alpha0 > 0``), the
+  flat prior on the triangle ``alpha1 + beta1 < 1`` written as ``alpha1 ~ Beta(1, 2)`` and
+  ``beta1 = (1 - alpha1) beta1_unit`` with ``beta1_unit ~ Uniform(0, 1)`` (the joint density of
+  ``(alpha1, beta1)`` is then the constant 2 on the triangle: Stan's flat prior, Jacobian
+  ``log(1 - alpha1)`` included).
 
 ``load(name)`` returns a :class:`Posterior`: the model, the reference draws (constrained, in the
 Stan parameter order), and maps between a dict of latent site values and those columns.
@@ -22,23 +33,29 @@ included (for the score-identity check in ``tests/test_benchmark_models.py``).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions import constraints
 from pyro.poutine.util import prune_subsample_sites
-from torch.distributions import biject_to, constraints
+from torch.distributions import biject_to
 
 __all__ = [
     "DATA_ROOT",
     "FOLDERS",
     "Posterior",
+    "SortedNormal",
     "available",
+    "garch_variances",
+    "gp_cholesky",
     "load",
     "unconstrained_log_density",
 ]
@@ -49,6 +66,10 @@ FOLDERS = {
     "kidiq": "kidiq-kidscore_interaction",
     "mesquite": "mesquite-logmesquite_logvas",
     "arK": "arK-arK",
+    "diamonds": "diamonds-diamonds",
+    "gp_pois_regr": "gp_pois_regr-gp_pois_regr",
+    "low_dim_gauss_mix": "low_dim_gauss_mix-low_dim_gauss_mix",
+    "garch": "garch-garch11",
 }
 
 
@@ -243,7 +264,236 @@ def _arK(data: dict, dtype: torch.dtype):
     return model, sites, to_params, from_params
 
 
-_BUILDERS = {"eight_schools": _eight_schools, "kidiq": _kidiq, "mesquite": _mesquite, "arK": _arK}
+def _unplate(x: torch.Tensor, event_dim: int = 1) -> torch.Tensor:
+    """Drop the singleton dim a global site carries under a particle plate at dim -2.
+
+    A global vector computed from global sites has shape ``(n, 1, *event)`` under the particle
+    plate and ``event`` without it; data plates at dim -1 need ``(n, *event)``.
+    """
+    return x.squeeze(-1 - event_dim) if x.dim() > event_dim else x
+
+
+# -- diamonds (24 collinear predictors, centred) --------------------------------------------------
+def _diamonds(data: dict, dtype: torch.dtype):
+    X = torch.tensor(data["X"], dtype=dtype)[:, 1:]  # without the intercept column
+    Xc = X - X.mean(0)
+    y = torch.tensor(data["Y"], dtype=dtype)
+    N, K = Xc.shape
+    zero = torch.tensor(0.0, dtype=dtype)
+
+    def model() -> None:
+        b = pyro.sample("b", dist.Normal(torch.zeros(K, dtype=dtype), 1.0).to_event(1))
+        intercept = pyro.sample("Intercept", dist.StudentT(3.0, zero + 8.0, 10.0))
+        # Stan's student_t(3, 0, 10) on sigma > 0: the half-t, density 2 t(sigma)
+        sigma = pyro.sample("sigma", dist.FoldedDistribution(dist.StudentT(3.0, zero, 10.0)))
+        with pyro.plate("data", N):
+            # a matrix product: (b * Xc).sum(-1) would hold n x N x K numbers
+            mean = intercept + _unplate(b @ Xc.T)
+            pyro.sample("Y", dist.Normal(mean, sigma), obs=y)
+
+    sites = {
+        "b": (constraints.real_vector, (K,), (1, K)),
+        "Intercept": (constraints.real, (), (1,)),
+        "sigma": (constraints.positive, (), (1,)),
+    }
+
+    def to_params(v: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = v["sigma"].shape[0]
+        return torch.cat([_flat(v["b"], n), _flat(v["Intercept"], n), _flat(v["sigma"], n)], -1)
+
+    def from_params(p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"b": p[:, :K], "Intercept": p[:, K], "sigma": p[:, K + 1]}
+
+    return model, sites, to_params, from_params
+
+
+# -- latent GP Poisson regression -----------------------------------------------------------------
+def gp_cholesky(x: torch.Tensor, rho: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of ``alpha² exp(-(x_i - x_j)² / (2 rho²)) + 1e-10 I``.
+
+    ``x`` has shape ``(N,)``, ``rho`` and ``alpha`` any common batch shape ``b``; returns
+    ``(*b, N, N)``.
+    """
+    d2 = (x[:, None] - x[None, :]) ** 2
+    rho, alpha = rho[..., None, None], alpha[..., None, None]
+    K = alpha**2 * torch.exp(-d2 / (2 * rho**2))
+    return torch.linalg.cholesky(K + 1e-10 * torch.eye(len(x), dtype=K.dtype))
+
+
+def _gp_pois_regr(data: dict, dtype: torch.dtype):
+    x = torch.tensor(data["x"], dtype=dtype)
+    k = torch.tensor(data["k"], dtype=dtype)
+    N = len(x)
+
+    def model() -> None:
+        rho = pyro.sample("rho", dist.Gamma(torch.tensor(25.0, dtype=dtype), 4.0))
+        alpha = pyro.sample("alpha", dist.HalfNormal(torch.tensor(2.0, dtype=dtype)))
+        f_tilde = pyro.sample("f_tilde", dist.Normal(torch.zeros(N, dtype=dtype), 1.0).to_event(1))
+        f = (gp_cholesky(x, rho, alpha) @ f_tilde.unsqueeze(-1)).squeeze(-1)
+        with pyro.plate("data", N):
+            pyro.sample("k", dist.Poisson(torch.exp(_unplate(f))), obs=k)
+
+    sites = {
+        "rho": (constraints.positive, (), (1,)),
+        "alpha": (constraints.positive, (), (1,)),
+        "f_tilde": (constraints.real_vector, (N,), (1, N)),
+    }
+
+    def to_params(v: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = v["rho"].shape[0]
+        rho, alpha = v["rho"].reshape(n), v["alpha"].reshape(n)
+        L = gp_cholesky(x.to(rho.dtype), rho, alpha)
+        f = (L @ v["f_tilde"].reshape(n, N, 1)).squeeze(-1)
+        return torch.cat([rho[:, None], alpha[:, None], f], dim=-1)
+
+    def from_params(p: torch.Tensor) -> dict[str, torch.Tensor]:
+        rho, alpha, f = p[:, 0], p[:, 1], p[:, 2:]
+        L = gp_cholesky(x.to(p.dtype), rho, alpha)
+        f_tilde = torch.linalg.solve_triangular(L, f.unsqueeze(-1), upper=False).squeeze(-1)
+        return {"rho": rho, "alpha": alpha, "f_tilde": f_tilde}
+
+    return model, sites, to_params, from_params
+
+
+# -- two-component mixture with ordered means -----------------------------------------------------
+class SortedNormal(dist.TorchDistribution):
+    r"""``size`` independent ``Normal(loc, scale)`` draws, sorted ascending.
+
+    The density is :math:`\text{size}! \prod_i \mathcal N(x_i; \text{loc}, \text{scale}^2)` on
+    the ordered vectors: proportional to Stan's ``ordered[size] mu; mu ~ normal(loc, scale)``.
+    Proper, so Pyro's autoguides can draw from it at initialisation.
+    """
+
+    arg_constraints: ClassVar[dict] = {}
+    support = constraints.ordered_vector
+
+    def __init__(self, loc: torch.Tensor, scale: float, size: int, validate_args=None) -> None:
+        self.loc, self.scale, self.size = loc, scale, size
+        super().__init__(torch.Size(), torch.Size((size,)), validate_args=validate_args)
+
+    def sample(self, sample_shape: tuple[int, ...] = ()) -> torch.Tensor:
+        base = dist.Normal(self.loc.expand(self.size), self.scale)
+        return base.sample(sample_shape).sort(-1).values
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        normal = dist.Normal(self.loc, self.scale)
+        return normal.log_prob(value).sum(-1) + math.lgamma(self.size + 1)
+
+
+def _low_dim_gauss_mix(data: dict, dtype: torch.dtype):
+    y = torch.tensor(data["y"], dtype=dtype)
+    N = len(y)
+
+    def model() -> None:
+        mu = pyro.sample("mu", SortedNormal(torch.tensor(0.0, dtype=dtype), 2.0, 2))
+        sigma = pyro.sample(
+            "sigma", dist.HalfNormal(torch.full((2,), 2.0, dtype=dtype)).to_event(1)
+        )
+        theta = pyro.sample("theta", dist.Beta(torch.tensor(5.0, dtype=dtype), 5.0))
+        with pyro.plate("data", N):
+            weights = dist.Categorical(probs=torch.stack([theta, 1 - theta], dim=-1))
+            mixture = dist.MixtureSameFamily(weights, dist.Normal(mu, sigma))
+            pyro.sample("y", mixture, obs=y)
+
+    sites = {
+        "mu": (constraints.ordered_vector, (2,), (1, 2)),
+        "sigma": (constraints.independent(constraints.positive, 1), (2,), (1, 2)),
+        "theta": (constraints.unit_interval, (), (1,)),
+    }
+
+    def to_params(v: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = v["theta"].shape[0]
+        return torch.cat([_flat(v["mu"], n), _flat(v["sigma"], n), _flat(v["theta"], n)], -1)
+
+    def from_params(p: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mu": p[:, :2], "sigma": p[:, 2:4], "theta": p[:, 4]}
+
+    return model, sites, to_params, from_params
+
+
+# -- GARCH(1,1), flat priors ----------------------------------------------------------------------
+def garch_variances(
+    y: torch.Tensor,
+    sigma1: float,
+    mu: torch.Tensor,
+    alpha0: torch.Tensor,
+    alpha1: torch.Tensor,
+    beta1: torch.Tensor,
+) -> torch.Tensor:
+    r"""The GARCH(1,1) variances :math:`s_t^2`, ``t = 1..T``, without a loop over time.
+
+    The recursion :math:`v_1 = \sigma_1^2`, :math:`v_t = c_t + \beta_1 v_{t-1}` with
+    :math:`c_t = \alpha_0 + \alpha_1 (y_{t-1} - \mu)^2` is linear, so
+    :math:`v_t = \beta_1^{t-1} v_1 + \sum_{j=2}^t \beta_1^{t-j} c_j`: one ``(T-1, T-1)``
+    lower-triangular matrix of powers of :math:`\beta_1` per draw. ``y`` has shape ``(T,)``,
+    the parameters any common batch shape ``b``; returns ``(*b, T)``.
+    """
+    T = len(y)
+    mu, alpha0, alpha1 = mu[..., None], alpha0[..., None], alpha1[..., None]
+    c = alpha0 + alpha1 * (y[:-1] - mu) ** 2  # (*b, T-1): c_2, ..., c_T
+    t = torch.arange(T - 1)
+    lag = t[:, None] - t[None, :]
+    lower = lag >= 0
+    powers = beta1[..., None, None] ** lag.clamp(min=0).to(c.dtype)  # (*b, T-1, T-1)
+    powers = torch.where(lower, powers, torch.zeros((), dtype=c.dtype))
+    rest = (powers @ c.unsqueeze(-1)).squeeze(-1)  # sum_j beta1^(t-j) c_j
+    rest = rest + beta1[..., None] ** (t + 1).to(c.dtype) * sigma1**2
+    first = torch.full_like(rest[..., :1], sigma1**2)
+    return torch.cat([first, rest], dim=-1)
+
+
+def _garch(data: dict, dtype: torch.dtype):
+    y = torch.tensor(data["y"], dtype=dtype)
+    sigma1 = float(data["sigma1"])
+    T = len(y)
+
+    def model() -> None:
+        mu = pyro.sample("mu", dist.ImproperUniform(constraints.real, (), ()))
+        alpha0 = pyro.sample("alpha0", dist.ImproperUniform(constraints.positive, (), ()))
+        # flat on {alpha1, beta1 > 0, alpha1 + beta1 < 1}: alpha1's marginal is Beta(1, 2), and
+        # beta1 | alpha1 is uniform on (0, 1 - alpha1)
+        alpha1 = pyro.sample("alpha1", dist.Beta(torch.tensor(1.0, dtype=dtype), 2.0))
+        unit = pyro.sample("beta1_unit", dist.Uniform(torch.tensor(0.0, dtype=dtype), 1.0))
+        beta1 = (1 - alpha1) * unit
+        s2 = garch_variances(y, sigma1, mu, alpha0, alpha1, beta1)
+        with pyro.plate("time", T):
+            pyro.sample("y", dist.Normal(mu, _unplate(s2).sqrt()), obs=y)
+
+    sites = {
+        "mu": (constraints.real, (), (1,)),
+        "alpha0": (constraints.positive, (), (1,)),
+        "alpha1": (constraints.unit_interval, (), (1,)),
+        "beta1_unit": (constraints.unit_interval, (), (1,)),
+    }
+
+    def to_params(v: dict[str, torch.Tensor]) -> torch.Tensor:
+        n = v["mu"].shape[0]
+        alpha1 = _flat(v["alpha1"], n)
+        beta1 = (1 - alpha1) * _flat(v["beta1_unit"], n)
+        return torch.cat([_flat(v["mu"], n), _flat(v["alpha0"], n), alpha1, beta1], -1)
+
+    def from_params(p: torch.Tensor) -> dict[str, torch.Tensor]:
+        alpha1 = p[:, 2]
+        return {
+            "mu": p[:, 0],
+            "alpha0": p[:, 1],
+            "alpha1": alpha1,
+            "beta1_unit": p[:, 3] / (1 - alpha1),
+        }
+
+    return model, sites, to_params, from_params
+
+
+_BUILDERS = {
+    "eight_schools": _eight_schools,
+    "kidiq": _kidiq,
+    "mesquite": _mesquite,
+    "arK": _arK,
+    "diamonds": _diamonds,
+    "gp_pois_regr": _gp_pois_regr,
+    "low_dim_gauss_mix": _low_dim_gauss_mix,
+    "garch": _garch,
+}
 
 
 def load(name: str, dtype: torch.dtype = torch.float32) -> Posterior:
