@@ -1,8 +1,10 @@
 """Variational inference with flows: guides, objectives, training and evidence."""
 
 from .evidence import ImportanceDraws, importance_draws, log_evidence
+from .fast import FastPathUnavailable
 from .guides import AmortizedFlow, AutoFlowGuide, WarmStart, init_to_unconstrained_zero
 from .objectives import IWAE, STL_ELBO, log_importance_weights
+from .potential import NotTraceable, Potential
 from .svi import fit_svi
 from .target import fit_target
 
@@ -11,7 +13,10 @@ __all__ = [
     "STL_ELBO",
     "AmortizedFlow",
     "AutoFlowGuide",
+    "FastPathUnavailable",
     "ImportanceDraws",
+    "NotTraceable",
+    "Potential",
     "WarmStart",
     "fit_svi",
     "fit_target",

@@ -65,6 +65,13 @@ def _per_particle(x: torch.Tensor | float, n: int, nesting: int, what: str) -> t
     return x.expand(n)
 
 
+def _has_param(name: str) -> str:
+    return (
+        f"the model has a parameter {name!r} (pyro.param or pyro.module): the fast path "
+        "trains the guide only"
+    )
+
+
 def _clean(graph: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Drop the record's dead operations and constant copies (``lift_fresh_copy`` copies a
     constant on every call; nothing writes to them)."""
@@ -123,32 +130,27 @@ class Potential:
                 )
             guide._setup_prototype(*self.args, **self.kwargs)
         self.latent_dim = int(guide.latent_dim)
-        self.nesting = max(
-            (
-                -f.dim
-                for _, s in guide.prototype_trace.iter_stochastic_nodes()
-                for f in s["cond_indep_stack"]
-                if f.vectorized
-            ),
-            default=0,
-        )
         self._latents = {
             name: tuple(site["value"].shape)
             for name, site in guide.prototype_trace.iter_stochastic_nodes()
         }
-        self._check_prototype()
+        self.nesting = self._check_prototype()
         self._graphs: dict[tuple, torch.fx.GraphModule] = {}
 
     # -- what qualifies ----------------------------------------------------------------------------
-    def _check_prototype(self) -> None:
-        trace = self.guide.prototype_trace
+    def _check_prototype(self) -> int:
+        """Check the model's sites; return the deepest plate nesting."""
+        # One run of the model at the guide's prototype values (improper sites are not sampled).
+        values = {
+            name: site["value"] for name, site in self.guide.prototype_trace.iter_stochastic_nodes()
+        }
+        conditioned = poutine.condition(self.model, data=values)
+        with poutine.block():
+            trace = poutine.trace(conditioned).get_trace(*self.args, **self.kwargs)
         for name, site in trace.nodes.items():
             if site["type"] == "param":
-                raise NotTraceable(
-                    f"the model has a parameter {name!r} (pyro.param or pyro.module): the fast "
-                    "path trains the guide only"
-                )
-            if site["type"] != "sample" or site_is_subsample(site):
+                raise NotTraceable(_has_param(name))
+            if site["type"] != "sample":
                 continue
             for frame in site["cond_indep_stack"]:
                 if frame.full_size is not None and frame.size != frame.full_size:
@@ -157,8 +159,20 @@ class Potential:
                         f"(subsample {frame.size} of {frame.full_size}), which draws another "
                         "subsample at every call"
                     )
+            if site_is_subsample(site):
+                continue
             if not site["is_observed"] and site["fn"].support.is_discrete:
                 raise NotTraceable(f"the latent site {name!r} is discrete")
+        return max(
+            (
+                -frame.dim
+                for site in trace.nodes.values()
+                if site["type"] == "sample"
+                for frame in site["cond_indep_stack"]
+                if frame.vectorized
+            ),
+            default=0,
+        )
 
     # -- the function ------------------------------------------------------------------------------
     def log_joint(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +199,7 @@ class Potential:
         seen = set()
         for name, site in trace.nodes.items():
             if site["type"] == "param":
-                raise NotTraceable(f"the model created the parameter {name!r} (pyro.param)")
+                raise NotTraceable(_has_param(name))
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             term = _per_particle(site["log_prob"], n, self.nesting, name)
@@ -210,10 +224,25 @@ class Potential:
     def _record(self, z: torch.Tensor) -> torch.fx.GraphModule:
         with pyro.validation_enabled(False), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the model's own warnings showed when it first ran
+
             def log_joint(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                 return self.log_joint(z)
 
-            return _clean(make_fx(log_joint)(z.detach()))
+            try:
+                return _clean(make_fx(log_joint)(z.detach()))
+            except RuntimeError as err:
+                if "data-dependent" in str(err) or "tracing tensor" in str(err):
+                    raise NotTraceable(
+                        "the model reads the value of a tensor that depends on its latents "
+                        "(e.g. Python branches on a sampled value, or .item()): its structure "
+                        "may change between calls"
+                    ) from None
+                first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                raise NotTraceable(
+                    f"the model failed on a batch of {z.shape[0]} particles ({first}); write it "
+                    "so that it broadcasts over batch dims on the left (with pyro.plate for "
+                    "its batch dims), as Pyro's vectorize_particles=True needs"
+                ) from None
 
     def __call__(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if z.dim() != 2 or z.shape[-1] != self.latent_dim:

@@ -22,6 +22,7 @@ from typing import Any
 import pyro
 import pyro.optim
 import torch
+from pyro.infer import Trace_ELBO
 from torch import nn
 
 from .._checks import check_length, check_positive, check_run
@@ -103,6 +104,18 @@ def fit_svi(
     ``pyro.module``, an autoguide); at the end the store holds the best state by validation
     loss (or the last one, without validation).
 
+    **The fast path.** A flow guide (:class:`~pyroflows.infer.AutoFlowGuide`) on a model without
+    ``data`` is trained without Pyro's per-step tracing: the model is recorded once as a tensor
+    function of the guide's latent vector (:class:`~pyroflows.infer.Potential`) and each step
+    draws all particles in one call, scores them and steps the optimiser in plain torch
+    (:mod:`pyroflows.infer.fast`), eagerly or, with ``compile=True``, through ``torch.compile``
+    (one CUDA graph per step on CUDA). The losses and gradients are those of the same objective
+    on the same draws. A model that does not qualify (discrete or subsampled latents, parameters
+    of its own, a structure that changes between calls, a model that cannot run on a batch of
+    particles), or an objective without a fast equivalent, is trained the traced way, after a
+    :class:`~pyroflows.infer.FastPathUnavailable` warning saying why (``fast=False`` chooses the
+    traced path silently; ``fast=True`` makes the reason an error).
+
     **Two calling conventions.** Without ``data`` (a Bayesian model), each step calls
     ``model(*args, **kwargs)`` and ``guide(*args, **kwargs)``. With ``data`` (a VAE, or a model
     trained on minibatches of a data set), each step draws a minibatch of rows and calls::
@@ -137,8 +150,10 @@ def fit_svi(
         model: a Pyro model.
         guide: a Pyro guide (a function, an autoguide, a module calling flows).
         *args: passed to the model and guide (after the minibatch, with ``data``).
-        loss: the objective, a Pyro ``ELBO`` (default ``Trace_ELBO()``; e.g.
-            ``pf.infer.IWAE(num_particles=8)``). Its ``loss(...)`` gives the validation value.
+        loss: the objective, a Pyro ``ELBO`` (e.g. ``pf.infer.IWAE(num_particles=8)``). Its
+            ``loss(...)`` gives the validation value. Default: for a flow guide on the fast
+            path :func:`pyroflows.infer.fast.default_loss` (sticking-the-landing with
+            several particles), otherwise Pyro's ``Trace_ELBO()``.
         steps: number of SVI steps (default 1000 unless ``epochs`` is given).
         epochs: passes over ``data`` (instead of ``steps``; needs ``data``).
         data: the data set: a ``(N, ...)`` tensor or array, or a tuple of them with ``N`` rows
@@ -171,6 +186,12 @@ def fit_svi(
             set); ``None``: all.
         divergence: a loss above ``best + divergence * max(1, |best|)`` (``best``: the lowest
             so far) stops training as a NaN does; ``None`` checks for NaN/inf only.
+        fast: ``None`` (default): the fast path when the guide, objective and model qualify;
+            ``True``: the fast path or a :class:`~pyroflows.infer.NotTraceable` error saying
+            why not; ``False``: Pyro's traced SVI.
+        compile: with the fast path, ``True`` (or a ``torch.compile`` mode) compiles the step
+            (seconds to a minute, once per call; worth it for long runs and on CUDA); needs
+            ``optimizer="adam"``.
         **kwargs: passed to the model and guide.
 
     Returns:
@@ -196,7 +217,8 @@ def fit_svi(
         >>> abs(guide.median()["mu"].item() - x.mean().item()) < 0.2
         True
     """
-    loss = default_loss(guide) if loss is None else loss
+    defaulted = loss is None
+    loss = default_loss(guide) if defaulted else loss
     if not (hasattr(loss, "loss") and hasattr(loss, "loss_and_grads")):
         raise TypeError(
             f"loss: expected a Pyro ELBO (e.g. Trace_ELBO()); got {type(loss).__name__}"
@@ -239,6 +261,8 @@ def fit_svi(
                 "compile: needs the fast path, which this model, guide or loss does not take "
                 "(see the FastPathUnavailable warning); use compile=False"
             )
+        # A model without the fast path gets Pyro's own default objective unless one was given.
+        loss = Trace_ELBO() if defaulted else loss
         objective = SVILoss(model, guide, loss, args, kwargs)
         opt = PyroOptimizer(pyro_optim, objective.parameters)
     elif optimizer == "adam":  # the same update as pyro.optim.Adam, in one fused kernel
