@@ -174,6 +174,9 @@ class FastSVI(SVILoss):
             draws = q.sample((CHECK_DRAWS // 2,))
             wide = q.sample((CHECK_DRAWS // 2,)) + torch.randn_like(draws)
             self.potential.check(torch.cat([draws, wide]))
+        # The guide's automatic start (AutoFlowGuide(laplace="auto")), once, on the recorded model.
+        start = getattr(guide, "_start", None)
+        self.start = start(self.log_p) if start is not None else None
 
     def parameters(self) -> list[torch.Tensor]:
         return self._params

@@ -73,6 +73,8 @@ COVARIANCES = ("auto", "full", "diagonal")
 #: ``covariance="auto"`` keeps a full lower-Cholesky factor up to this many latent dimensions
 #: (its cost per sample is O(latent_dim²)), a diagonal scale beyond.
 FULL_COVARIANCE_MAX_DIM = 200
+#: guide draws of each ELBO estimate that ``laplace="auto"`` compares
+LAPLACE_DRAWS = 256
 _UNSAMPLED = "_pyroflows_unsampled"
 
 
@@ -308,6 +310,14 @@ class AutoFlowGuide(AutoContinuous):
             so random: pass ``init_to_feasible`` or ``init_to_value`` for a fixed start).
         covariance: ``"full"`` (learnable unit lower-triangular ``U``), ``"diagonal"`` or
             ``"auto"`` (full up to ``FULL_COVARIANCE_MAX_DIM`` = 200 latent dimensions).
+        laplace: the start of the first fit on :func:`~pyroflows.infer.fit_svi`'s fast path.
+            ``"auto"`` (default): a Laplace warm start (:meth:`warm_start`) is tried and kept
+            when its ELBO, estimated with ``LAPLACE_DRAWS`` draws, beats the default start's
+            (badly scaled, strongly correlated posteriors: regressions on un-centred
+            covariates, flat priors), and dropped otherwise (no finite mode, as in Neal's
+            funnel; a narrow mode; a failed search); ``True``: always (an error if it fails);
+            ``False``: never. It runs once per guide (not again on a second ``fit_svi``, nor
+            on the traced path; call :meth:`warm_start` yourself there).
         **flow_kwargs: further arguments of the named flow's builder (``bins``, ``mixing``, ...).
 
     References:
@@ -345,6 +355,7 @@ class AutoFlowGuide(AutoContinuous):
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
         covariance: str = "auto",
+        laplace: bool | str = "auto",
         **flow_kwargs: Any,
     ) -> None:
         if isinstance(flow, str):
@@ -362,6 +373,10 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"init_scale: expected a positive number; got {init_scale!r}")
         if covariance not in COVARIANCES:
             raise ValueError(f"covariance: expected one of {COVARIANCES}; got {covariance!r}")
+        if laplace not in (True, False, "auto"):
+            raise ValueError(f"laplace: expected True, False or 'auto'; got {laplace!r}")
+        self._laplace = laplace
+        self._started = False  # the fast path decided the start (laplace) once
         self._flow_spec = (flow,)  # a tuple: a Flow instance registers only once built
         self._layers = layers
         self._hidden = tuple(hidden)
@@ -482,6 +497,39 @@ class AutoFlowGuide(AutoContinuous):
             return value, -(w * w * path).sum()
         raise ValueError(f"objective: expected 'elbo', 'stl', 'iwae' or 'dreg'; got {objective!r}")
 
+    @torch.no_grad()
+    def _elbo(self, log_p: Callable[[torch.Tensor], torch.Tensor], draws: int) -> float:
+        q = self.get_posterior()
+        z = q.sample((draws,))
+        log_w = log_p(z) - q.log_prob(z)
+        return float(log_w.mean()) if bool(torch.isfinite(log_w).all()) else -math.inf
+
+    def _start(self, log_p: Callable[[torch.Tensor], torch.Tensor]) -> str | None:
+        """The automatic start of the fast path (``laplace``), once per guide: returns what it
+        did, for the fit's message, or ``None``."""
+        if self._started or self._laplace is False:
+            return None
+        self._started = True
+        names = ["ref_loc", "ref_scale", "loc", "scale_unconstrained"]
+        names += ["scale_tril_unconstrained"] if self.full_covariance else []
+        kept = {name: getattr(self, name).detach().clone() for name in names}
+        before = self._elbo(log_p, LAPLACE_DRAWS)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self.warm_start(log_density=lambda z: log_p(z[None])[0])
+        except ValueError as err:
+            if self._laplace is True:
+                raise
+            return f"Laplace start not used ({str(err).splitlines()[0]})"
+        after = self._elbo(log_p, LAPLACE_DRAWS)
+        if self._laplace is True or after > before:
+            return f"Laplace start: ELBO {after:.4g} (default start {before:.4g})"
+        with torch.no_grad():
+            for name, value in kept.items():
+                getattr(self, name).copy_(value)
+        return f"Laplace start not used: ELBO {after:.4g} (default start {before:.4g})"
+
     # -- summaries ---------------------------------------------------------------------------------
     def _ensure_prototype(self, args: tuple, kwargs: dict) -> None:
         if self.prototype_trace is None:
@@ -585,6 +633,7 @@ class AutoFlowGuide(AutoContinuous):
         optim: str = "lbfgs",
         lr: float | None = None,
         newton_steps: int = 10,
+        log_density: Callable[[torch.Tensor], torch.Tensor] | None = None,
         **kwargs,
     ) -> WarmStart:
         """Move the Gaussian part of the guide to the MAP point (and Laplace covariance).
@@ -611,6 +660,9 @@ class AutoFlowGuide(AutoContinuous):
             lr: learning rate; defaults to 1 for L-BFGS and 0.01 for Adam.
             newton_steps: at most this many Newton steps (with step halving) after the optimiser,
                 with L-BFGS or for the Laplace method; 0 to skip them.
+            log_density: ``z -> log p(x, z)`` on a packed latent of shape ``(latent_dim,)``
+                (default: :meth:`log_density`, which runs the model; the fast path passes its
+                recorded model, which is faster).
 
         Returns:
             A :class:`WarmStart` with the MAP point, the Laplace factor and diagnostics.
@@ -630,6 +682,8 @@ class AutoFlowGuide(AutoContinuous):
 
         def neg_log_density(z: torch.Tensor) -> torch.Tensor:
             try:
+                if log_density is not None:
+                    return -log_density(z)
                 return -self.log_density(z, *args, **kwargs)
             except ValueError as err:
                 # e.g. a distribution's argument check failing as the search runs off to a

@@ -312,3 +312,48 @@ def test_fit_target_compiles():
     torch.testing.assert_close(
         torch.tensor(compiled.train_loss), torch.tensor(eager.train_loss), rtol=1e-4, atol=1e-5
     )
+
+
+def uncentred_regression(x, y):
+    """A badly scaled, strongly correlated posterior: covariates far from 0 (corr(a, b) ~ -1)."""
+    a = pyro.sample("a", dist.Normal(0.0, 1e4))
+    b = pyro.sample("b", dist.Normal(0.0, 1e3))
+    sigma = pyro.sample("sigma", dist.HalfNormal(10.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("y", dist.Normal(a + b * x, sigma), obs=y)
+
+
+def test_the_default_start_is_laplace_on_a_badly_scaled_posterior():
+    g = torch.Generator().manual_seed(0)
+    x = 100.0 + 10.0 * torch.randn(50, generator=g)
+    y = 3.0 + 0.5 * (x - 100.0) + torch.randn(50, generator=g)
+    design = torch.stack([torch.ones_like(x), x], -1).double()
+    ols = torch.linalg.lstsq(design, y.double()[:, None]).solution[:, 0]  # ~ the posterior mean
+
+    def fit(laplace):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoFlowGuide(uncentred_regression, layers=1, hidden=(8,), laplace=laplace)
+        fit_svi(uncentred_regression, guide, x, y, steps=200, lr=1e-2, progress=False)
+        return guide.sample_posterior(2000)["b"]
+
+    b = fit("auto")
+    sd = float(1.0 / (x - x.mean()).square().sum().sqrt())  # sigma ~ 1
+    assert abs(float(b.mean()) - float(ols[1])) < 0.2 * sd + 1e-3
+    assert 0.7 < float(b.std()) / sd < 1.4
+    b_cold = fit(False)  # the same budget from the default start: far off
+    assert abs(float(b_cold.mean()) - float(ols[1])) > 10 * sd
+
+
+def test_laplace_auto_keeps_the_default_start_when_the_laplace_start_is_worse():
+    def funnel():
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2)))
+
+    guide = AutoFlowGuide(funnel, layers=1, hidden=(4,))
+    loss = FastSVI(funnel, guide, STL_ELBO(4))
+    assert loss.start.startswith("Laplace start not used")
+    assert float(guide.ref_scale.detach().diagonal().min()) == 1.0  # the default start, unchanged
+    assert FastSVI(funnel, guide, STL_ELBO(4)).start is None  # decided once per guide
+    with pytest.raises(ValueError, match="laplace: expected True, False or 'auto'"):
+        AutoFlowGuide(funnel, laplace="yes")
