@@ -37,6 +37,7 @@ from ..engine import (
     SVILoss,
     make_optimizer,
     make_pyro_optimizer,
+    schedule,
     train,
 )
 from ..engine.sources import (
@@ -95,6 +96,7 @@ def fit_svi(
     divergence: float | None = DIVERGENCE,
     fast: bool | None = None,
     compile: bool | str = False,
+    scheduler: str | None = "auto",
     **kwargs: Any,
 ) -> History:
     """Train a guide (and the model's parameters) by stochastic variational inference.
@@ -192,6 +194,10 @@ def fit_svi(
         compile: with the fast path, ``True`` (or a ``torch.compile`` mode) compiles the step
             (seconds to a minute, once per call; worth it for long runs and on CUDA); needs
             ``optimizer="adam"``.
+        scheduler: the learning rate's schedule: ``"cosine"`` (from ``lr`` down to 0 over the
+            run, :func:`pyroflows.engine.schedule`; needs the fast path with
+            ``optimizer="adam"``), ``None`` (constant), or ``"auto"`` (default): cosine where
+            it applies, constant otherwise (Pyro's optimisers, the traced path).
         **kwargs: passed to the model and guide.
 
     Returns:
@@ -228,6 +234,8 @@ def fit_svi(
     check_run(eval_every, patience, valid_rows, checkpoint, resume)
     _check_calling_convention(model, guide, data, epochs=epochs, valid=valid, patience=patience)
     _check_fast(fast, compile, data, optimizer)
+    if scheduler not in ("auto", "cosine", None):
+        raise ValueError(f"scheduler: expected 'auto', 'cosine' or None; got {scheduler!r}")
     pyro_optim = make_pyro_optimizer(optimizer, lr)
     device = torch.device(device) if device is not None else None
 
@@ -269,13 +277,21 @@ def fit_svi(
         opt = make_optimizer("adam", objective.parameters(), lr)
     else:
         opt = PyroOptimizer(pyro_optim, objective.parameters)
+    if scheduler == "cosine" and isinstance(opt, PyroOptimizer):
+        raise ValueError(
+            "scheduler: 'cosine' needs the fast path with optimizer='adam'; use scheduler=None "
+            "(or a pyro.optim optimiser with its own decay, e.g. ClippedAdam's lrd)"
+        )
+    cosine = scheduler is not None and not isinstance(opt, PyroOptimizer)
     settings = dict(batch_size=batch_size, lr=lr, seed=seed, optimizer=optimizer)
+    settings.update({"scheduler": "cosine"} if cosine else {})  # (0.2 checkpoints stay valid)
     saved = Checkpoint.for_run(checkpoint, "fit_svi", objective, rows, valid_set, **settings)
     return train(
         Step(objective, opt, compile=compile),
         source,
         total,
         name="fit_svi",
+        schedule=schedule(opt, total) if cosine else None,
         valid=chunks,
         eval_every=eval_every or default_eval_every(total, chunks, batch_size),
         patience=patience,

@@ -229,18 +229,28 @@ def test_fast_checkpoints_resume_to_the_uninterrupted_result(tmp_path):
     def model():
         pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 2.0).to_event(1))
 
-    def run(steps, resume=False, folder=None):
+    def run(resume=False, folder=None, callback=None):
         if not resume:
             pyro.clear_param_store()
         guide = AutoFlowGuide(model, layers=1, hidden=(8,))
-        fit_svi(model, guide, steps=steps, seed=3, progress=False, checkpoint=folder, resume=resume)
+        fit_svi(
+            model,
+            guide,
+            steps=40,
+            seed=3,
+            progress=False,
+            checkpoint=folder,
+            resume=resume,
+            eval_every=10,
+            callback=callback,
+        )
         return {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
 
-    whole = run(40)
+    whole = run()
     folder = tmp_path / "run"
-    run(20, folder=folder)  # "killed" after 20 of 40 steps: its last checkpoint holds step 20
+    run(folder=folder, callback=lambda step, h: step == 20)  # "killed" after step 20
     pyro.clear_param_store()
-    resumed = run(40, resume=True, folder=folder)
+    resumed = run(resume=True, folder=folder)
     for name, value in whole.items():
         torch.testing.assert_close(resumed[name], value, msg=name)
 
