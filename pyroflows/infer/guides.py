@@ -461,7 +461,26 @@ class AutoFlowGuide(AutoContinuous):
             # pyro.get_param_store().load(...), the flow would compute with its own fresh tensors
             # while SVI optimised the loaded ones. Swap the param store's tensors in.
             pyro.module(self._pyro_get_fullname("flow"), flow, update_module_params=True)
+            self._adopt_store_tensors()
         return flow()
+
+    def _adopt_store_tensors(self) -> None:
+        # PyroModule swaps the store's tensors in for PyroParams (scale, scale_tril) but not for
+        # plain nn.Parameters: after pyro.get_param_store().load(...), or on a store holding a
+        # previous guide's values, loc/ref_loc/ref_scale would compute with the module's own
+        # tensors while the store (and the optimiser) hold others. Adopt the store's.
+        store = pyro.get_param_store()
+        for name in ("loc", "ref_loc", "ref_scale"):
+            own = self._parameters.get(name)
+            stored = store._params.get(self._pyro_get_fullname(name))
+            if own is None or stored is None or stored is own or stored.shape != own.shape:
+                continue
+            if not isinstance(stored, nn.Parameter):
+                fullname = self._pyro_get_fullname(name)
+                stored = nn.Parameter(stored)
+                store._params[fullname] = stored
+                store._param_to_name[stored] = fullname
+            nn.Module.__setattr__(self, name, stored)
 
     # -- the fast reverse-KL path ------------------------------------------------------------------
     def _reverse_kl(
@@ -510,6 +529,12 @@ class AutoFlowGuide(AutoContinuous):
         if self._started or self._laplace is False:
             return None
         self._started = True
+        with torch.no_grad():  # trained (or loaded) parameters are not started again
+            fresh = not self.loc.any() and torch.allclose(
+                self.scale, torch.full_like(self.scale, self._init_scale)
+            )
+        if not fresh:
+            return None
         names = ["ref_loc", "ref_scale", "loc", "scale_unconstrained"]
         names += ["scale_tril_unconstrained"] if self.full_covariance else []
         kept = {name: getattr(self, name).detach().clone() for name in names}

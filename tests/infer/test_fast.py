@@ -367,3 +367,33 @@ def test_laplace_auto_keeps_the_default_start_when_the_laplace_start_is_worse():
     assert FastSVI(funnel, guide, STL_ELBO(4)).start is None  # decided once per guide
     with pytest.raises(ValueError, match="laplace: expected True, False or 'auto'"):
         AutoFlowGuide(funnel, laplace="yes")
+
+
+def test_laplace_auto_leaves_a_loaded_guide_alone():
+    def model():
+        pyro.sample("z", dist.Normal(torch.tensor([1.0, -1.0]), 2.0).to_event(1))
+
+    guide = AutoFlowGuide(model, layers=1, hidden=(4,))
+    fit_svi(model, guide, steps=20, lr=1e-2, progress=False)
+    trained = {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+    again = AutoFlowGuide(model, layers=1, hidden=(4,))  # a new guide on the loaded store
+    loss = FastSVI(model, again, STL_ELBO(4))
+    assert loss.start is None
+    for name, value in pyro.get_param_store().named_parameters():
+        torch.testing.assert_close(value.detach(), trained[name], msg=name)
+
+
+def test_a_new_guide_computes_with_a_loaded_param_store(tmp_path):
+    def model():  # the posterior is far from the prior's median, where the guide starts
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 10.0).to_event(1))
+        pyro.sample("y", dist.Normal(z, 0.5).to_event(1), obs=torch.tensor([3.0, -2.0]))
+
+    pyro.set_rng_seed(0)
+    guide = AutoFlowGuide(model, layers=1, hidden=(4,), laplace=False)
+    fit_svi(model, guide, steps=300, lr=3e-2, progress=False)
+    pyro.get_param_store().save(tmp_path / "store.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "store.pt")
+    again = AutoFlowGuide(model, layers=1, hidden=(4,))
+    draws = Predictive(model, guide=again, num_samples=2000)()["z"]
+    torch.testing.assert_close(draws.mean(0), torch.tensor([3.0, -2.0]), atol=0.1, rtol=0)
