@@ -44,10 +44,8 @@ from ..engine import Loss, SVILoss
 from .objectives import IWAE, STL_ELBO
 from .potential import NotTraceable, Potential
 
-__all__ = ["DEFAULT_PARTICLES", "FastPathUnavailable", "FastSVI", "default_loss", "objective_of"]
+__all__ = ["FastPathUnavailable", "FastSVI", "default_loss", "objective_of"]
 
-#: particles per step of the default objective of a flow guide (``default_loss``)
-DEFAULT_PARTICLES = 16
 #: the draws the structure check of the model records it at (half at each of two points sets)
 CHECK_DRAWS = 16
 
@@ -60,11 +58,10 @@ class FastPathUnavailable(UserWarning):
 def default_loss(guide: Any) -> pyro.infer.ELBO:
     """The objective :func:`~pyroflows.infer.fit_svi` uses when none is given.
 
-    For a guide of the fast path (one with ``_reverse_kl``, e.g. an
-    :class:`~pyroflows.infer.AutoFlowGuide`): :class:`~pyroflows.infer.STL_ELBO` with
-    :data:`DEFAULT_PARTICLES` particles (sticking-the-landing gradients, whose variance
-    vanishes as the guide approaches the posterior); for any other guide Pyro's ``Trace_ELBO()``
-    (one particle), as ``pyro.infer.SVI`` users expect.
+    The guide's own ``default_loss()`` when it has one
+    (:meth:`AutoFlowGuide.default_loss <pyroflows.infer.AutoFlowGuide.default_loss>`:
+    sticking-the-landing with 16 particles where its inverse is cheap); for any other guide
+    Pyro's ``Trace_ELBO()`` (one particle), as ``pyro.infer.SVI`` users expect.
 
     Example:
         >>> from pyro.infer.autoguide import AutoNormal
@@ -72,9 +69,8 @@ def default_loss(guide: Any) -> pyro.infer.ELBO:
         >>> type(default_loss(AutoNormal(lambda: None))).__name__
         'Trace_ELBO'
     """
-    if hasattr(guide, "_reverse_kl"):
-        return STL_ELBO(num_particles=DEFAULT_PARTICLES)
-    return Trace_ELBO()
+    own = getattr(guide, "default_loss", None)
+    return own() if callable(own) else Trace_ELBO()
 
 
 def objective_of(loss: Any) -> tuple[str, int] | None:

@@ -57,6 +57,7 @@ from torch.distributions.transforms import AffineTransform, ComposeTransform, Tr
 from .._checks import check_nonnegative_int
 from ..flows import BUILDERS, Flow, vector_builders
 from ..transforms import ActNorm
+from .objectives import STL_ELBO
 
 __all__ = [
     "FLOWS",
@@ -75,6 +76,11 @@ COVARIANCES = ("auto", "full", "diagonal")
 FULL_COVARIANCE_MAX_DIM = 200
 #: guide draws of each ELBO estimate that ``laplace="auto"`` compares
 LAPLACE_DRAWS = 256
+#: particles per step of the default objective (:meth:`AutoFlowGuide.default_loss`)
+DEFAULT_PARTICLES = 16
+#: the default objective is sticking-the-landing with an IAF up to this many latent dimensions
+#: (its gradient needs the flow's inverse: ``latent_dim`` sequential passes per layer)
+STL_SEQUENTIAL_MAX_DIM = 16
 _UNSAMPLED = "_pyroflows_unsampled"
 
 
@@ -515,6 +521,25 @@ class AutoFlowGuide(AutoContinuous):
             w = torch.softmax(log_w.detach(), dim=0)
             return value, -(w * w * path).sum()
         raise ValueError(f"objective: expected 'elbo', 'stl', 'iwae' or 'dreg'; got {objective!r}")
+
+    def default_loss(self) -> pyro.infer.ELBO:
+        """The objective :func:`~pyroflows.infer.fit_svi` trains this guide with by default.
+
+        :class:`~pyroflows.infer.STL_ELBO` with ``DEFAULT_PARTICLES`` (16) particles
+        (sticking-the-landing: the score term dropped, so the gradient's variance vanishes as
+        the guide approaches the posterior; measured in ``benchmarks/README.md``) when scoring a
+        detached draw is cheap: a flow without sequential inverses (coupling flows, MAF,
+        ``"linear"``), or at most ``STL_SEQUENTIAL_MAX_DIM`` latent dimensions (an IAF's inverse
+        costs ``latent_dim`` sequential passes per layer). Otherwise Pyro's ``Trace_ELBO`` with
+        as many vectorised particles. Call it after the guide is set up (it needs
+        ``latent_dim``); before, the STL default is returned.
+        """
+        sequential = getattr(self, "flow", None) is not None and any(
+            getattr(m, "orientation", None) == "iaf" for m in self.flow.modules()
+        )
+        if sequential and getattr(self, "latent_dim", 0) > STL_SEQUENTIAL_MAX_DIM:
+            return pyro.infer.Trace_ELBO(num_particles=DEFAULT_PARTICLES, vectorize_particles=True)
+        return STL_ELBO(num_particles=DEFAULT_PARTICLES)
 
     @torch.no_grad()
     def _elbo(self, log_p: Callable[[torch.Tensor], torch.Tensor], draws: int) -> float:

@@ -224,8 +224,7 @@ def fit_svi(
         True
     """
     defaulted = loss is None
-    loss = default_loss(guide) if defaulted else loss
-    if not (hasattr(loss, "loss") and hasattr(loss, "loss_and_grads")):
+    if not (loss is None or (hasattr(loss, "loss") and hasattr(loss, "loss_and_grads"))):
         raise TypeError(
             f"loss: expected a Pyro ELBO (e.g. Trace_ELBO()); got {type(loss).__name__}"
         )
@@ -260,6 +259,10 @@ def fit_svi(
         kwargs = {k: _to(v, device) for k, v in kwargs.items()}
     total = epochs * source.steps_per_epoch if epochs is not None else (steps or DEFAULT_STEPS)
 
+    if defaulted:
+        if data is None and getattr(guide, "prototype_trace", False) is None:
+            guide._setup_prototype(*args, **kwargs)  # its default objective needs latent_dim
+        loss = default_loss(guide)
     objective = None
     if data is None and fast is not False and hasattr(guide, "_reverse_kl"):
         objective = fast_loss(model, guide, loss, args, kwargs, required=bool(fast))

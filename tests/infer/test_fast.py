@@ -397,3 +397,18 @@ def test_a_new_guide_computes_with_a_loaded_param_store(tmp_path):
     again = AutoFlowGuide(model, layers=1, hidden=(4,))
     draws = Predictive(model, guide=again, num_samples=2000)()["z"]
     torch.testing.assert_close(draws.mean(0), torch.tensor([3.0, -2.0]), atol=0.1, rtol=0)
+
+
+def test_the_default_objective_follows_the_cost_of_the_flows_inverse():
+    def model(d):
+        pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
+
+    for flow, d, expected in [
+        ("iaf", 4, STL_ELBO),
+        ("iaf", 40, Trace_ELBO),
+        ("realnvp", 40, STL_ELBO),
+    ]:
+        guide = AutoFlowGuide(model, flow=flow, layers=1, hidden=(4,))
+        guide._setup_prototype(d)
+        loss = default_loss(guide)
+        assert type(loss) is expected and loss.num_particles == 16, (flow, d)
