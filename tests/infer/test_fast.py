@@ -408,7 +408,7 @@ def test_the_default_objective_follows_the_cost_of_the_flows_inverse():
         ("iaf", 40, Trace_ELBO),
         ("realnvp", 40, STL_ELBO),
     ]:
-        guide = AutoFlowGuide(model, flow=flow, layers=1, hidden=(4,))
+        guide = AutoFlowGuide(model, flow=flow, layers=1, hidden=(64,))
         guide._setup_prototype(d)
         loss = default_loss(guide)
         assert type(loss) is expected and loss.num_particles == 16, (flow, d)
