@@ -342,3 +342,19 @@ def test_a_guide_that_misses_posterior_mass_can_read_healthy(case, exact, covere
     # mass, far beyond its standard error.
     assert result.log_z == pytest.approx(exact + math.log(covered), abs=5 * result.log_z_se)
     assert exact - result.log_z > 10 * result.log_z_se
+
+
+def test_the_examples_in_docs_diagnostics_run_as_written():
+    """docs/diagnostics.md's code runs top to bottom (report, psis_draws, neutra) and prints
+    the report it shows, on the conjugate model whose answers the page states."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "diagnostics.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 3
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/diagnostics.md", "exec"), namespace)
+    result, draws = namespace["result"], namespace["draws"]
+    assert isinstance(result, GuideReport) and result.reading == "good"
+    assert abs(result.log_z - EXACT) < 0.01
+    assert draws.draws["z"].shape == (4000,)
+    assert namespace["samples"]["z"].shape == (50,)
