@@ -161,7 +161,7 @@ def test_components_start_apart_around_the_init_location():
     assert (two.loc[0] - centre).abs().max() > 1.0  # a few prior sds (5) apart
     same = _guide(model, components=3, init_loc_fn=init, init_spread=0.0)
     assert torch.allclose(same.loc, centre.expand(3, 3))
-    assert torch.allclose(same.scale, torch.full((3, 3), 0.1))
+    assert torch.allclose(same.scale, torch.full((3, 3), 1.0))
 
 
 def test_prior_scale_is_read_in_unconstrained_space_and_is_one_for_improper_sites():
