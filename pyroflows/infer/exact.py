@@ -334,7 +334,9 @@ def neutra(model: Callable, guide: AutoContinuous) -> NeuTraModel:
 
     The guide's map is read on every run of the model (it is the guide's current one); the
     model must have a static structure, with all latent sites known to the guide (Pyro's
-    restriction), and observed sites must not be reparameterised.
+    restriction), and observed sites must not be reparameterised. Run NUTS without
+    ``jit_compile=True``: with Pyro 1.9 and torch 2.x, tracing a model under ``NeuTraReparam``
+    fails (``RuntimeError: Unsupported value kind: Tensor``), for Pyro's own guides too.
 
     Args:
         model: the Pyro model the guide was trained on.
