@@ -123,6 +123,18 @@ def test_resampled_values_are_guide_draws():
     assert len(torch.unique(result.draws["z"])) <= 300
 
 
+def test_a_guide_outside_the_support_is_refused():
+    def positive(x):
+        pyro.sample("z", dist.HalfNormal(1.0))
+
+    def outside(x):
+        pyro.sample("z", dist.Normal(-5.0, 0.01))  # every draw is outside the model's support
+
+    with pytest.raises(ValueError, match="non-finite log weights"):
+        with pyro.validation_enabled(False):
+            psis_draws(positive, outside, None, num_samples=50)
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
