@@ -1,7 +1,7 @@
 r"""Exact answers from a fitted guide: PSIS-corrected draws and NeuTra MCMC.
 
-A guide :math:`q` is an approximation of the posterior :math:`p(z \mid x)`. Two ways turn it into
-answers that are right however good the fit, at a price:
+A guide :math:`q` is an approximation of the posterior :math:`p(z \mid x)`. Two ways correct
+what it gets wrong, at a price:
 
 * :func:`psis_draws`, **importance resampling**: draw :math:`z_i \sim q`, weight each draw by
   :math:`w_i = p(x, z_i) / q(z_i)`, Pareto-smooth the weights (PSIS, through ArviZ) and resample.
@@ -304,11 +304,9 @@ class NeuTraModel:
         flat = latent.reshape((-1,) + (1,) * nesting + (dim,))
         self.reparam.transform = self.guide.get_transform()  # the guide's map as it is now
         values = self.reparam.transform_sample(flat)
-        shapes = {name: site["value"].shape for name, site in self._sites()}
+        sites = self.guide.prototype_trace.iter_stochastic_nodes()
+        shapes = {name: site["value"].shape for name, site in sites}
         return {name: value.reshape(batch + shapes[name]) for name, value in values.items()}
-
-    def _sites(self):
-        return self.guide.prototype_trace.iter_stochastic_nodes()
 
 
 def neutra(model: Callable, guide: AutoContinuous) -> NeuTraModel:
