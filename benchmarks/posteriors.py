@@ -14,7 +14,8 @@ latent site broadcasts against an outer particle plate at ``dim=-2`` (``max_plat
 * ``arK``: AR(5) time series.
 * ``diamonds``: log-log regression with 24 collinear, centred predictors (26 dimensions).
 * ``gp_pois_regr``: latent Gaussian-process Poisson regression (latent ``f_tilde``; the
-  reference draws hold ``f = L f_tilde`` with ``L`` the kernel's Cholesky factor).
+  reference draws hold ``f = L f_tilde`` with ``L`` the kernel's Cholesky factor, computed in
+  float64 whatever the model's dtype: with the model's jitter of 1e-10 it fails in float32).
 * ``low_dim_gauss_mix``: two-component normal mixture with ordered means (``mu`` has
   ``ordered_vector`` support; its prior, two independent normals restricted to ``mu[1] <
   mu[2]``, is the law of two sorted independent normals, :class:`SortedNormal`).
@@ -329,7 +330,9 @@ def _gp_pois_regr(data: dict, dtype: torch.dtype):
         rho = pyro.sample("rho", dist.Gamma(torch.tensor(25.0, dtype=dtype), 4.0))
         alpha = pyro.sample("alpha", dist.HalfNormal(torch.tensor(2.0, dtype=dtype)))
         f_tilde = pyro.sample("f_tilde", dist.Normal(torch.zeros(N, dtype=dtype), 1.0).to_event(1))
-        f = (gp_cholesky(x, rho, alpha) @ f_tilde.unsqueeze(-1)).squeeze(-1)
+        # the factorisation in float64: in float32 it fails for rho > 7 (a third of the posterior)
+        L = gp_cholesky(x.double(), rho.double(), alpha.double()).to(dtype)
+        f = (L @ f_tilde.unsqueeze(-1)).squeeze(-1)
         with pyro.plate("data", N):
             pyro.sample("k", dist.Poisson(torch.exp(_unplate(f))), obs=k)
 
@@ -423,23 +426,20 @@ def garch_variances(
     r"""The GARCH(1,1) variances :math:`s_t^2`, ``t = 1..T``, without a loop over time.
 
     The recursion :math:`v_1 = \sigma_1^2`, :math:`v_t = c_t + \beta_1 v_{t-1}` with
-    :math:`c_t = \alpha_0 + \alpha_1 (y_{t-1} - \mu)^2` is linear, so
-    :math:`v_t = \beta_1^{t-1} v_1 + \sum_{j=2}^t \beta_1^{t-j} c_j`: one ``(T-1, T-1)``
-    lower-triangular matrix of powers of :math:`\beta_1` per draw. ``y`` has shape ``(T,)``,
-    the parameters any common batch shape ``b``; returns ``(*b, T)``.
+    :math:`c_t = \alpha_0 + \alpha_1 (y_{t-1} - \mu)^2` is linear with a constant coefficient,
+    :math:`v_t = \sum_{j \le t} \beta_1^{t-j} c_j` (:math:`c_1 = \sigma_1^2`), so a prefix scan
+    by doubling computes it in :math:`\lceil \log_2 T \rceil` vectorised steps: after the step
+    with shift :math:`s`, each :math:`v_t` holds the sum over the last :math:`2s` terms. ``y`` has
+    shape ``(T,)``, the parameters any common batch shape ``b``; returns ``(*b, T)``.
     """
-    T = len(y)
     mu, alpha0, alpha1 = mu[..., None], alpha0[..., None], alpha1[..., None]
     c = alpha0 + alpha1 * (y[:-1] - mu) ** 2  # (*b, T-1): c_2, ..., c_T
-    t = torch.arange(T - 1)
-    lag = t[:, None] - t[None, :]
-    lower = lag >= 0
-    powers = beta1[..., None, None] ** lag.clamp(min=0).to(c.dtype)  # (*b, T-1, T-1)
-    powers = torch.where(lower, powers, torch.zeros((), dtype=c.dtype))
-    rest = (powers @ c.unsqueeze(-1)).squeeze(-1)  # sum_j beta1^(t-j) c_j
-    rest = rest + beta1[..., None] ** (t + 1).to(c.dtype) * sigma1**2
-    first = torch.full_like(rest[..., :1], sigma1**2)
-    return torch.cat([first, rest], dim=-1)
+    v = torch.cat([torch.full_like(c[..., :1], sigma1**2), c], dim=-1)
+    power, shift = beta1[..., None], 1  # power = beta1 ** shift
+    while shift < v.shape[-1]:
+        v = torch.cat([v[..., :shift], v[..., shift:] + power * v[..., :-shift]], dim=-1)
+        power, shift = power * power, 2 * shift
+    return v
 
 
 def _garch(data: dict, dtype: torch.dtype):

@@ -1,7 +1,11 @@
-"""Variational inference: AutoFlowGuide next to Pyro's autoguides, on targets with known answers.
+"""Variational inference: pyroflows' defaults next to Pyro's autoguides and NumPyro/FlowJAX flows.
 
-    python benchmarks/vi.py [--steps 3000] [--targets funnel10,banana2,...] [--guides ...]
-                            [--seed 0] [--warm auto|on|off|both] [--quick]
+    python benchmarks/vi.py [--targets funnel10,...|synthetic|posteriordb] [--guides ...]
+                            [--seeds 0,1,2] [--steps 2000] [--particles 16] [--lr 1e-3]
+                            [--compile-seeds first|all] [--eval 10000] [--quick]
+
+One run prints, per target, one row per guide with the mean ± standard error over seeds of each
+figure, and marks the guides that are best or tied.
 
 Targets. With a known normaliser (log Z = 0, written as proper Pyro models, or as a factor over a
 dummy latent with a proper prior that the factor divides out):
@@ -12,50 +16,62 @@ dummy latent with a proper prior that the factor divides out):
 * ``mixture2``, ``mixture10``: ``½ N(-m, I) + ½ N(m, I)`` with ``m`` along the diagonal,
   ``|m| = MIXTURE_SHIFT`` (two modes ``2 |m|`` sds apart), as a factor over a ``N(0, I)`` latent.
 
-From posteriordb (``benchmarks/posteriors.py``; unknown log Z; guide draws are compared with the
-reference NUTS draws): ``eight_schools`` (non-centred), ``kidiq`` (improper flat prior on the
-coefficients), ``mesquite`` (flat priors on everything) and ``arK`` (AR(5)).
+From posteriordb (``benchmarks/posteriors.py``; log Z unknown, so the ELBO is shown; guide draws
+are compared with the reference NUTS draws): ``eight_schools``, ``kidiq``, ``mesquite``, ``arK``,
+``diamonds``, ``gp_pois_regr``, ``low_dim_gauss_mix``, ``garch``.
 
-Guides, trained in the same run with the same budget: the same objective (``Trace_ELBO`` with
-``PARTICLES`` vectorised particles), the same optimiser (Pyro's ``ClippedAdam``, clip norm 10,
-learning rate ``--lr`` decayed geometrically to a tenth over the run) and the same number of
-steps, through :func:`pyroflows.infer.fit_svi`. Flow sizes are matched: 3 layers, conditioners
-(64, 64), splines with 8 bins on [-5, 5].
+Guides (``--guides``; all by default):
 
-* ``flow-iaf``, ``flow-nsf``: ``pf.infer.AutoFlowGuide(model, flow="iaf"|"nsf")`` (defaults:
-  ``init_to_median``, ``init_scale=0.1``, full-covariance Gaussian after the flow). With a warm
-  start (``--warm``; ``auto`` uses it on the posteriordb regressions, where the posterior is
-  badly scaled and strongly correlated) the guide is first moved to the Laplace approximation
-  by :meth:`AutoFlowGuide.warm_start`, and the row is labelled ``+warm``. Its cost is included
-  in the time shown.
-* ``flow-iaf-wide``, ``flow-nsf-wide`` (only when named in ``--guides``): the same, started
-  with ``init_scale=1`` (as wide as Pyro's flow autoguides start) instead of the default 0.1.
-* ``AutoNormal``, ``AutoMVN``: Pyro's ``AutoNormal`` and ``AutoMultivariateNormal`` (defaults).
-* ``AutoIAFNormal``: Pyro's, ``num_transforms=3``, ``hidden_dim=[64, 64]``.
-* ``AutoNF-spline``: Pyro's ``AutoNormalizingFlow`` with 3 ``spline_autoregressive`` layers
-  (hidden ``[64, 64]``, 8 bins, bound 5).
+* ``pf-defaults``: exactly ``pf.infer.fit_svi(model, pf.infer.AutoFlowGuide(model), steps=N)``:
+  pyroflows' defaults (objective, particles, optimiser, learning rate, flow, start), whichever
+  path ``fit_svi`` takes. Only ``progress=False`` and a timing ``callback`` are passed (they change
+  nothing in the fit); Pyro's seed is set before the guide is built.
+* ``pf-compile``: the same with ``compile=True`` (when ``fit_svi`` accepts it). Its compilation
+  takes about a minute per fit on a CPU, so by default it runs on the first seed only
+  (``--compile-seeds all`` for every seed): its row then has no standard errors over seeds.
+* ``AutoIAFNormal`` (``num_transforms=3``, ``hidden_dim=[64, 64]``), ``AutoNormal``, ``AutoMVN``
+  (``AutoMultivariateNormal``), ``AutoNF-spline`` (``AutoNormalizingFlow`` with 3
+  ``spline_autoregressive`` layers, hidden ``[64, 64]``, 8 bins, bound 5): Pyro's autoguides with
+  their defaults, trained by Pyro's traced SVI (``pyro.infer.SVI``, ``Trace_ELBO`` with
+  ``--particles`` vectorised particles, ``pyro.optim.Adam`` with ``--lr``) for ``--steps``
+  steps: the budget of the anchors in issue 15.
+* ``NumPyro-IAF``, ``NumPyro-BNAF``, ``FlowJAX-MAF``: the jit-compiled peers of
+  ``benchmarks/numpyro_peers.py`` (same targets in NumPyro, same budget), run in a subprocess with
+  JAX on one CPU thread; skipped, with one line, when numpyro/jax (or flowjax) are absent.
 
-Reported per guide: the ELBO (mean log weight of ``--eval`` guide draws, with its standard
-error); where log Z is known the gap ``log Z - ELBO`` (= KL(q || p)); the IWAE(K=1000) estimate
-of log Z (``pf.infer.log_evidence``, 1000 importance samples); PSIS k-hat
-(``pf.diagnostics.psis_khat``, 2000 draws); for posteriordb the largest
-``|mean_q - mean_ref| / sd_ref`` over the Stan parameters and the range of ``sd_q / sd_ref``
-(from the same ``--eval`` guide draws); and the wall time. A guide that raises (e.g. Pyro's
-autoguides on ``ImproperUniform`` sites, which they try to sample) is reported as
-``fails: <reason>``. The best guide per target is the one with the highest ELBO (the smallest
-KL(q || p): log Z is the same for every guide); guides whose ELBO is within two standard errors
-of the difference (plus 0.01 nats) are tied with it.
+Reported per guide and seed, then as mean ± standard error over seeds: the ELBO (mean of
+``log p(x, z) - log q(z)`` over ``--eval`` guide draws) and, where log Z is known, the gap
+``log Z - ELBO`` (= KL(q || p)); the IWAE(K=1000) estimate of log Z (the mean over the draws'
+blocks of 1000 of log-mean-exp of their weights); PSIS k-hat of all the draws (ArviZ); seconds
+per 1000 steps at the steady rate; ``compile s``, the time before the steady rate is reached less
+the steps taken in it (``torch.compile``/``jax.jit`` compilation, or a guide's set-up); for the
+mixtures the fraction of draws on each side of the plane between the modes; for posteriordb the
+largest ``|mean_q - mean_ref| / sd_ref`` over the Stan parameters and the range of
+``sd_q / sd_ref``. A guide that raises (Pyro's autoguides on ``ImproperUniform`` sites, which
+they try to sample) is reported as ``fails: <reason>``. Best per target: the highest mean ELBO
+(the smallest KL(q || p): log Z is the same for every guide); a guide is tied with it when the
+difference of means is within two standard errors of the difference (standard errors over seeds;
+within a single draw set's when a row has one seed).
+
+Torch runs on one thread (``--threads``). Timings on a shared machine are noisy; the script prints
+the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
+import json
 import math
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -65,7 +81,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
-from pyro.infer import Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import (
     AutoIAFNormal,
     AutoMultivariateNormal,
@@ -79,24 +95,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import posteriors  # benchmarks/posteriors.py, next to this file
 
 LAYERS, HIDDEN, BINS, BOUND = 3, (64, 64), 8, 5.0
-PARTICLES = 8  # vectorised particles per step, every guide
+STEPS, PARTICLES, LR = 2000, 16, 1e-3  # the anchors' budget in issue 15
+EVAL = 10_000  # guide draws per fit for the ELBO, IWAE, k-hat and moments
+IWAE_K = 1000
 MAX_PLATE_NESTING = 1
 BANANA_B = 0.1  # Haario et al.'s "strongly twisted" banana
 MIXTURE_SHIFT = 2.5
-IWAE_K = 1000
-KHAT_DRAWS = 2000
-TIE_NATS = 0.01
 
 SYNTHETIC = ("funnel10", "banana2", "banana10", "mixture2", "mixture10")
-POSTERIORDB = ("eight_schools", "kidiq", "mesquite", "arK")
+POSTERIORDB = tuple(posteriors.FOLDERS)
 ALL_TARGETS = SYNTHETIC + POSTERIORDB
-# Where --warm auto warm-starts AutoFlowGuide: the posteriordb posteriors, whose Laplace
-# approximation is a good start (not the funnel, whose "mode" is at v -> -inf, nor the mixture).
-WARM_AUTO = {"eight_schools", "kidiq", "mesquite", "arK"}
-ALL_GUIDES = ("flow-iaf", "flow-nsf", "AutoNormal", "AutoMVN", "AutoIAFNormal", "AutoNF-spline")
-# Not run by default: AutoFlowGuide started wide (init_scale=1, as Pyro's flow autoguides start
-# at N(0, I)), to see how much of a gap the default narrow start (0.1) costs on a budget.
-EXTRA_GUIDES = ("flow-iaf-wide", "flow-nsf-wide")
+QUICK_TARGETS = ("mixture2", "garch")  # --quick: one synthetic target, one with flat priors
+PF_GUIDES = ("pf-defaults", "pf-compile")
+PYRO_GUIDES = ("AutoIAFNormal", "AutoNormal", "AutoMVN", "AutoNF-spline")
+PEER_GUIDES = ("NumPyro-IAF", "NumPyro-BNAF", "FlowJAX-MAF")  # numpyro_peers.PEERS
+ALL_GUIDES = PF_GUIDES + PYRO_GUIDES + PEER_GUIDES
+PEERS_SCRIPT = Path(__file__).resolve().parent / "numpyro_peers.py"
 
 
 # -- targets --------------------------------------------------------------------------------------
@@ -106,7 +120,6 @@ class Target:
     model: Callable[[], None]
     log_z: float | None
     description: str
-    posterior: posteriors.Posterior | None = None
 
 
 def funnel(dim: int) -> Callable[[], None]:
@@ -141,35 +154,110 @@ def mixture(dim: int, shift: float = MIXTURE_SHIFT) -> Callable[[], None]:
     return model
 
 
+@functools.cache
+def posterior(name: str) -> posteriors.Posterior:
+    return posteriors.load(name)
+
+
 def make_target(name: str) -> Target:
     if name == "funnel10":
         return Target(name, funnel(10), 0.0, "Neal's funnel, d=10 (proper model)")
-    if name.startswith("banana"):
+    if name in ("banana2", "banana10"):
         d = int(name[len("banana") :])
         return Target(name, banana(d), 0.0, f"twisted Gaussian, b={BANANA_B}, d={d}")
-    if name.startswith("mixture"):
+    if name in ("mixture2", "mixture10"):
         d = int(name[len("mixture") :])
-        return Target(
-            name,
-            mixture(d),
-            0.0,
-            f"two-mode Gaussian mixture, modes {2 * MIXTURE_SHIFT:g} sd apart, d={d}",
-        )
+        text = f"two-mode Gaussian mixture, modes {2 * MIXTURE_SHIFT:g} sd apart, d={d}"
+        return Target(name, mixture(d), 0.0, text)
     if name in POSTERIORDB:
-        post = posteriors.load(name)
-        return Target(name, post.model, None, f"posteriordb {post.folder}", post)
-    raise ValueError(f"unknown target {name!r}; expected one of {ALL_TARGETS}")
+        post = posterior(name)
+        return Target(name, post.model, None, f"posteriordb {post.folder}")
+    raise ValueError(f"name: expected one of {ALL_TARGETS}; got {name!r}")
 
 
-# -- guides ---------------------------------------------------------------------------------------
-def make_guide(kind: str, model: Callable) -> Callable:
-    scale = {"init_scale": 1.0} if kind.endswith("-wide") else {}
-    if kind.startswith("flow-iaf"):
-        return pf.infer.AutoFlowGuide(model, flow="iaf", layers=LAYERS, hidden=HIDDEN, **scale)
-    if kind.startswith("flow-nsf"):
-        return pf.infer.AutoFlowGuide(
-            model, flow="nsf", layers=LAYERS, hidden=HIDDEN, bins=BINS, bound=BOUND, **scale
-        )
+# -- one fit's record and its statistics ----------------------------------------------------------
+@dataclass
+class Record:
+    """One guide fitted to one target with one seed (``numpyro_peers.py`` writes the same)."""
+
+    target: str
+    guide: str
+    seed: int
+    error: str | None = None
+    elbo: float = math.nan
+    elbo_se: float = math.nan
+    iwae: float = math.nan
+    iwae_se: float = math.nan
+    khat: float = math.nan
+    sec_per_1000: float = math.nan
+    compile_s: float = math.nan
+    modes: list[float] | None = None
+    mean_err: float = math.nan
+    sd_lo: float = math.nan
+    sd_hi: float = math.nan
+    notes: list[str] = field(default_factory=list)
+
+
+def reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    if len(first) > 90:
+        first = first[:87] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _psis_khat(log_w: np.ndarray) -> float:
+    import arviz as az
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if hasattr(az, "psislw"):  # ArviZ < 1
+            return float(az.psislw(log_w)[1])
+        from arviz_stats.base import array_stats  # ArviZ 1.x
+
+        return float(array_stats.psislw(-log_w)[1])
+
+
+def _log_mean_exp(log_w: np.ndarray) -> float:
+    top = log_w.max()
+    return float(top + np.log(np.mean(np.exp(log_w - top))))
+
+
+def summarize(
+    record: Record,
+    log_w: np.ndarray,
+    z: np.ndarray | None = None,
+    params: np.ndarray | None = None,
+) -> None:
+    """Fill ``record`` from guide draws' log weights ``(n,)``, their latent vectors ``z``
+    ``(n, d)`` (mixtures: mode fractions) and their reference-column values ``params``
+    ``(n, n_params)`` (posteriordb: moment errors)."""
+    log_w = np.asarray(log_w, dtype=np.float64)
+    finite = np.isfinite(log_w)
+    if not finite.all():
+        record.notes.append(f"{int((~finite).sum())} of {len(log_w)} log weights not finite")
+    record.elbo = float(log_w.mean()) if finite.all() else -math.inf
+    record.elbo_se = float(log_w[finite].std(ddof=1) / math.sqrt(finite.sum()))
+    blocks = log_w[: len(log_w) // IWAE_K * IWAE_K].reshape(-1, min(IWAE_K, len(log_w)))
+    per_block = np.array([_log_mean_exp(b) for b in blocks])
+    record.iwae = float(per_block.mean())
+    if len(per_block) > 1:
+        record.iwae_se = float(per_block.std(ddof=1) / math.sqrt(len(per_block)))
+    if finite.all():
+        record.khat = _psis_khat(log_w)
+    if record.target.startswith("mixture") and z is not None:
+        side = np.asarray(z).reshape(len(log_w), -1).sum(-1)  # the modes lie along the diagonal
+        record.modes = [float(np.mean(side < 0)), float(np.mean(side >= 0))]
+    if params is not None:
+        post = posterior(record.target)
+        mean, sd = params.mean(0), params.std(0, ddof=1)
+        record.mean_err = float(np.max(np.abs(mean - post.ref_mean) / post.ref_sd))
+        ratio = sd / post.ref_sd
+        record.sd_lo, record.sd_hi = float(ratio.min()), float(ratio.max())
+
+
+# -- the Pyro-side guides -------------------------------------------------------------------------
+def make_pyro_guide(kind: str, model: Callable) -> Callable:
     if kind == "AutoNormal":
         return AutoNormal(model)
     if kind == "AutoMVN":
@@ -186,231 +274,394 @@ def make_guide(kind: str, model: Callable) -> Callable:
             bound=BOUND,
         )
         return AutoNormalizingFlow(model, init)
-    raise ValueError(f"unknown guide {kind!r}; expected one of {ALL_GUIDES + EXTRA_GUIDES}")
+    raise ValueError(f"kind: expected one of {PYRO_GUIDES}; got {kind!r}")
 
 
-# -- one fit --------------------------------------------------------------------------------------
-@dataclass
-class Result:
-    guide: str
-    error: str | None = None
-    elbo: float = math.nan
-    elbo_se: float = math.nan
-    iwae: float = math.nan
-    iwae_se: float = math.nan
-    khat: float = math.nan
-    mean_err: float = math.nan
-    sd_ratio: tuple[float, float] = (math.nan, math.nan)
-    seconds: float = math.nan
-    notes: list[str] = field(default_factory=list)
+def _steady(stamps: list[tuple[int, float]], t0: float, steps: int) -> tuple[float, float]:
+    """Seconds per step after the first stamp, and the time before it less its steps."""
+    if len(stamps) < 2:
+        return math.nan, math.nan
+    (s1, t1), (s2, t2) = stamps[0], stamps[-1]
+    per_step = (t2 - t1) / (s2 - s1)
+    return per_step, max(t1 - t0 - s1 * per_step, 0.0)
 
 
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    if len(first) > 90:
-        first = first[:87] + "..."
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
-
-
-def run_one(target: Target, kind: str, warm: bool, args: argparse.Namespace) -> Result:
-    label = kind + ("+warm" if warm else "")
-    result = Result(label)
+def fit_pf(target: Target, kind: str, seed: int, args: argparse.Namespace, record: Record):
     pyro.clear_param_store()
-    pyro.set_rng_seed(args.seed)
-    model = target.model
+    pyro.set_rng_seed(seed)
+    stamps: list[tuple[int, float]] = []
+    options = {"compile": True} if kind == "pf-compile" else {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t0 = time.perf_counter()
+        guide = pf.infer.AutoFlowGuide(target.model)
+        pf.infer.fit_svi(
+            target.model,
+            guide,
+            steps=args.steps,
+            progress=False,
+            callback=lambda step, _: stamps.append((step, time.perf_counter())),
+            **options,
+        )
+    per_step, record.compile_s = _steady(stamps, t0, args.steps)
+    record.sec_per_1000 = 1000 * per_step
+    seen = set()
+    for w in caught:
+        text = f"{w.category.__name__}: {str(w.message).splitlines()[0][:100]}"
+        if "deprecated" not in text and text not in seen:
+            seen.add(text)
+            record.notes.append(text)
+    return guide
+
+
+def fit_pyro(target: Target, kind: str, seed: int, args: argparse.Namespace, record: Record):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
     t0 = time.perf_counter()
+    guide = make_pyro_guide(kind, target.model)
+    loss = Trace_ELBO(
+        num_particles=args.particles,
+        vectorize_particles=True,
+        max_plate_nesting=MAX_PLATE_NESTING,
+    )
+    svi = SVI(target.model, guide, pyro.optim.Adam({"lr": args.lr}), loss)
+    svi.step()
+    t1 = time.perf_counter()
+    for _ in range(args.steps - 1):
+        svi.step()
+    per_step = (time.perf_counter() - t1) / max(args.steps - 1, 1)
+    record.sec_per_1000, record.compile_s = 1000 * per_step, max(t1 - t0 - per_step, 0.0)
+    return guide
+
+
+def run_one(target: Target, kind: str, seed: int, args: argparse.Namespace) -> Record:
+    record = Record(target.name, kind, seed)
     try:
-        guide = make_guide(kind, model)
-        if warm:
-            ws = guide.warm_start(method="laplace")
-            fallback = ", diagonal fallback" if ws.diagonal_fallback else ""
-            result.notes.append(
-                f"{label}: Laplace warm start at log p = {ws.log_density:.2f} "
-                f"(|grad| = {ws.grad_norm:.1e}{fallback})"
+        fit = fit_pf if kind in PF_GUIDES else fit_pyro
+        guide = fit(target, kind, seed, args, record)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            draws = pf.infer.importance_draws(
+                target.model,
+                guide,
+                num_samples=args.eval,
+                max_plate_nesting=MAX_PLATE_NESTING,
+                latents=True,
             )
-        lrd = 0.1 ** (1.0 / args.steps)
-        optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": lrd, "clip_norm": 10.0})
-        loss = Trace_ELBO(
-            num_particles=PARTICLES,
-            vectorize_particles=True,
-            max_plate_nesting=MAX_PLATE_NESTING,
+        values = {k: v.double() for k, v in draws.latents.items()}
+        z = values.get("z")
+        params = None
+        if target.name in POSTERIORDB:
+            params = posterior(target.name).to_params(values).numpy()
+        summarize(
+            record, draws.log_weights.numpy(), z=None if z is None else z.numpy(), params=params
         )
-        pf.infer.fit_svi(model, guide, loss=loss, steps=args.steps, optimizer=optim, progress=False)
-        result.seconds = time.perf_counter() - t0
-        evaluate(target, guide, result, args)
     except Exception as exc:  # a guide that crashes is a result
-        result.error = _reason(exc)
-        if math.isnan(result.seconds):
-            result.seconds = time.perf_counter() - t0
-    return result
+        record.error = reason(exc)
+    return record
 
 
-def evaluate(target: Target, guide: Callable, result: Result, args: argparse.Namespace) -> None:
-    model = target.model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        data = pf.diagnostics.to_inference_data(
-            model, guide, num_samples=args.eval, max_plate_nesting=MAX_PLATE_NESTING
-        )
-        log_w = np.asarray(data.sample_stats["log_weight"]).reshape(-1)
-        finite = np.isfinite(log_w)
-        if not finite.all():
-            result.notes.append(
-                f"{result.guide}: {int((~finite).sum())} of {len(log_w)} log weights not finite"
-            )
-        result.elbo = float(np.mean(log_w)) if finite.all() else -math.inf
-        result.elbo_se = float(np.std(log_w[finite], ddof=1) / math.sqrt(finite.sum()))
-        result.iwae, result.iwae_se = pf.infer.log_evidence(
-            model, guide, num_samples=IWAE_K, max_plate_nesting=MAX_PLATE_NESTING
-        )
-        result.khat = pf.diagnostics.psis_khat(
-            model, guide, num_samples=KHAT_DRAWS, max_plate_nesting=MAX_PLATE_NESTING
-        ).khat
-    post = target.posterior
-    if post is not None:
-        values = {name: torch.as_tensor(np.asarray(data.posterior[name])[0]) for name in post.sites}
-        params = post.to_params(values).double().numpy()
-        mean, sd = params.mean(0), params.std(0, ddof=1)
-        result.mean_err = float(np.max(np.abs(mean - post.ref_mean) / post.ref_sd))
-        ratio = sd / post.ref_sd
-        result.sd_ratio = (float(ratio.min()), float(ratio.max()))
+# -- the NumPyro/FlowJAX peers, in a subprocess ---------------------------------------------------
+def run_peers(targets: Sequence[str], peers: Sequence[str], seeds: Sequence[int], args) -> list:
+    """Run ``numpyro_peers.py`` once for every target and seed; its records, or [] if absent."""
+    import importlib.util
+
+    absent = [m for m in ("numpyro", "jax") if importlib.util.find_spec(m) is None]
+    if absent:
+        print(f"NumPyro/FlowJAX peers skipped: {', '.join(absent)} not installed")
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peers.json"
+        command = [
+            sys.executable,
+            str(PEERS_SCRIPT),
+            f"--targets={','.join(targets)}",
+            f"--peers={','.join(peers)}",
+            f"--seeds={','.join(map(str, seeds))}",
+            f"--steps={args.steps}",
+            f"--particles={args.particles}",
+            f"--lr={args.lr}",
+            f"--eval={args.eval}",
+            f"--json={out}",
+            "--quiet",
+        ]
+        t0 = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        for line in done.stdout.splitlines():
+            print(line)
+        if done.returncode != 0 or not out.is_file():
+            tail = done.stderr.strip().splitlines()[-5:]
+            print(f"NumPyro/FlowJAX peers failed (exit {done.returncode}):", *tail, sep="\n  ")
+            return []
+        print(f"numpyro_peers: done in {time.perf_counter() - t0:.0f} s")
+        with open(out) as f:
+            return [Record(**r) for r in json.load(f)]
 
 
-# -- reporting ------------------------------------------------------------------------------------
-def _f(x: float, fmt: str = ".3f") -> str:
-    return "nan" if x is None or not math.isfinite(x) else format(x, fmt)
+# -- aggregation over seeds and the tables --------------------------------------------------------
+@dataclass
+class Row:
+    guide: str
+    seeds: int
+    error: str | None
+    stats: dict[str, tuple[float, float]]  # name -> (mean, standard error over seeds)
+    modes: tuple[float, float] | None
+    notes: list[str]
 
 
-def best_and_tied(results: list[Result]) -> set[str]:
-    ok = [r for r in results if r.error is None and math.isfinite(r.elbo)]
+def _mean_se(values: Sequence[float], single_se: float = math.nan) -> tuple[float, float]:
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return math.nan, math.nan
+    if len(x) == 1:
+        return float(x[0]), single_se
+    if not np.all(np.isfinite(x)):
+        return float(np.mean(x)) if not np.any(np.isnan(x)) else math.nan, math.nan
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def aggregate(records: Sequence[Record]) -> list[Row]:
+    rows = []
+    for guide in dict.fromkeys(r.guide for r in records):
+        mine = [r for r in records if r.guide == guide]
+        ok = [r for r in mine if r.error is None]
+        error = None if ok else mine[0].error
+        single = ok[0] if len(ok) == 1 else None
+        stats = {}
+        for key, se_key in (("elbo", "elbo_se"), ("iwae", "iwae_se"), ("khat", None)):
+            one_se = getattr(single, se_key) if single is not None and se_key else math.nan
+            stats[key] = _mean_se([getattr(r, key) for r in ok], one_se)
+        for key in ("mean_err", "sd_lo", "sd_hi"):
+            stats[key] = _mean_se([getattr(r, key) for r in ok])
+        for key in ("sec_per_1000", "compile_s"):  # compile: measured on the first seed only
+            stats[key] = _mean_se([v for r in ok if math.isfinite(v := getattr(r, key))])
+        modes = None
+        if ok and ok[0].modes is not None:
+            modes = tuple(float(np.mean([r.modes[i] for r in ok])) for i in range(2))
+        notes = []
+        for r in mine:
+            if r.error is not None and ok:
+                notes.append(f"seed {r.seed} fails: {r.error}")
+            notes += [n for n in r.notes if n not in notes]
+        rows.append(Row(guide, len(ok), error, stats, modes, notes))
+    return rows
+
+
+def best_and_tied(rows: Sequence[Row]) -> set[str]:
+    ok = [r for r in rows if r.error is None and math.isfinite(r.stats["elbo"][0])]
     if not ok:
         return set()
-    best = max(ok, key=lambda r: r.elbo)
+    best = max(ok, key=lambda r: r.stats["elbo"][0])
+    b_mean, b_se = best.stats["elbo"]
     tied = set()
     for r in ok:
-        se = math.sqrt(best.elbo_se**2 + r.elbo_se**2)
-        if best.elbo - r.elbo <= 2 * se + TIE_NATS:
+        mean, se = r.stats["elbo"]
+        spread = math.sqrt(np.nan_to_num(b_se) ** 2 + np.nan_to_num(se) ** 2)
+        if b_mean - mean <= 2 * spread:
             tied.add(r.guide)
     return tied
 
 
-def print_table(target: Target, results: list[Result]) -> set[str]:
-    winners = best_and_tied(results)
+def _pm(stat: tuple[float, float], fmt: str = ".3f", width: int = 15) -> str:
+    mean, se = stat
+    if not math.isfinite(mean):
+        text = "-inf" if mean == -math.inf else "nan"
+    elif math.isfinite(se):
+        text = f"{mean:{fmt}} ± {se:{fmt}}"
+    else:
+        text = f"{mean:{fmt}}"
+    return f"{text:>{width}}"
+
+
+def print_target(name: str, records: Sequence[Record], description: str = "") -> list[Row]:
+    rows = aggregate(records)
+    winners = best_and_tied(rows)
+    log_z = 0.0 if name in SYNTHETIC else None
+    seeds = sorted({r.seed for r in records})
     print(
-        f"\n== {target.name}: {target.description}"
-        + (f"; log Z = {target.log_z:g}" if target.log_z is not None else "; log Z unknown")
+        f"\n== {name}"
+        + (f": {description}" if description else "")
+        + ("; log Z = 0" if log_z is not None else "; log Z unknown")
+        + f"; seeds {seeds} (mean ± se over seeds)"
     )
-    pdb = target.posterior is not None
-    header = f"{'guide':<20} {'ELBO':>16} {'logZ-ELBO':>10} {'IWAE logZ (K=1000)':>20} {'k-hat':>6}"
+    first = "logZ - ELBO" if log_z is not None else "ELBO"
+    header = (
+        f"{'guide':<14} {first:>17} {'IWAE log Z':>17} {'k-hat':>11} {'s/1000 st':>13}"
+        f" {'compile s':>11}"
+    )
+    mixture = any(r.modes is not None for r in rows)
+    pdb = name in POSTERIORDB
+    if mixture:
+        header += f" {'modes -/+':>11}"
     if pdb:
-        header += f" {'max|dmean|/sd':>13} {'sd ratio':>13}"
-    header += f" {'time s':>7}  best"
+        header += f" {'max|dmean|/sd':>15} {'sd ratio':>11}"
+    header += "  best"
     print(header)
     print("-" * len(header))
-    for r in results:
+    for r in rows:
+        label = r.guide + (" (1 seed)" if r.seeds == 1 and len(seeds) > 1 else "")
         if r.error is not None:
-            print(f"{r.guide:<20} fails: {r.error}")
+            print(f"{label:<14} fails: {r.error}")
             continue
-        gap = target.log_z - r.elbo if target.log_z is not None else math.nan
+        elbo = r.stats["elbo"]
+        first_stat = (log_z - elbo[0], elbo[1]) if log_z is not None else elbo
         line = (
-            f"{r.guide:<20} {_f(r.elbo):>9} ± {_f(r.elbo_se):<5}"
-            f" {(_f(gap) if target.log_z is not None else '-'):>10}"
-            f" {_f(r.iwae):>11} ± {_f(r.iwae_se):<6}"
-            f" {_f(r.khat, '.2f'):>6}"
+            f"{label:<14} {_pm(first_stat, width=17)} {_pm(r.stats['iwae'], width=17)}"
+            f" {_pm(r.stats['khat'], '.2f', 11)} {_pm(r.stats['sec_per_1000'], '.2f', 13)}"
+            f" {_pm(r.stats['compile_s'], '.1f', 11)}"
         )
+        if mixture:
+            modes = f"{r.modes[0]:.2f}/{r.modes[1]:.2f}" if r.modes else "-"
+            line += f" {modes:>11}"
         if pdb:
-            lo, hi = r.sd_ratio
-            line += f" {_f(r.mean_err, '.3f'):>13} {_f(lo, '.2f') + '-' + _f(hi, '.2f'):>13}"
-        line += f" {r.seconds:>7.1f}  {'*' if r.guide in winners else ''}"
+            lo, hi = r.stats["sd_lo"][0], r.stats["sd_hi"][0]
+            line += f" {_pm(r.stats['mean_err'], '.3f', 15)} {f'{lo:.2f}-{hi:.2f}':>11}"
+        line += f"  {'*' if r.guide in winners else ''}"
         print(line)
-    for r in results:
+    for r in rows:
         for note in r.notes:
-            print(f"   note: {note}")
-    return winners
+            print(f"   note: {r.guide}: {note}")
+    sys.stdout.flush()
+    return rows
+
+
+def print_summary(all_rows: dict[str, list[Row]]) -> None:
+    targets = list(all_rows)
+    guides = list(dict.fromkeys(r.guide for rows in all_rows.values() for r in rows))
+    print(f"\n== summary over {len(targets)} targets (best or tied on ELBO)")
+    for guide in guides:
+        wins = ran = failed = 0
+        for rows in all_rows.values():
+            winners = best_and_tied(rows)
+            for r in rows:
+                if r.guide == guide:
+                    ran += 1
+                    failed += r.error is not None
+                    wins += guide in winners
+        print(
+            f"{guide:<14} best or tied on {wins} of {ran}"
+            + (f"; fails on {failed}" if failed else "")
+        )
+
+    def per_1000(rows: list[Row], guide: str) -> float:
+        for r in rows:
+            if r.guide == guide and r.error is None:
+                return r.stats["sec_per_1000"][0]
+        return math.nan
+
+    shown = [
+        g for g in ("pf-defaults", "pf-compile", "NumPyro-IAF", "AutoIAFNormal") if g in guides
+    ]
+    ratios = [  # (label, numerator, denominator): the goals are <= 2 and >= 5
+        ("defaults/NumPyro", "pf-defaults", "NumPyro-IAF"),
+        ("compile/NumPyro", "pf-compile", "NumPyro-IAF"),
+        ("PyroIAF/defaults", "AutoIAFNormal", "pf-defaults"),
+        ("PyroIAF/compile", "AutoIAFNormal", "pf-compile"),
+    ]
+    ratios = [r for r in ratios if r[1] in guides and r[2] in guides]
+    if not ratios:
+        return
+    print(
+        "\n== speed: seconds per 1000 steps, and their ratios "
+        "(goals: pyroflows within 2x of NumPyro-IAF, at least 5x faster than AutoIAFNormal)"
+    )
+    print(
+        f"{'target':<18}"
+        + "".join(f"{g:>15}" for g in shown)
+        + "".join(f"{r[0]:>18}" for r in ratios)
+    )
+    for name, rows in all_rows.items():
+        line = f"{name:<18}" + "".join(f"{per_1000(rows, g):>15.2f}" for g in shown)
+        line += "".join(f"{per_1000(rows, a) / per_1000(rows, b):>18.2f}" for _, a, b in ratios)
+        print(line)
+
+
+def parse_list(parser, option: str, text: str, allowed: Sequence[str]) -> list[str]:
+    groups = {"synthetic": SYNTHETIC, "posteriordb": POSTERIORDB}
+    items: list[str] = []
+    for item in (t.strip() for t in text.split(",")):
+        if item in groups and option == "--targets":
+            items += groups[item]
+        elif item in allowed:
+            items.append(item)
+        elif item:
+            parser.error(f"{option}: expected some of {tuple(allowed)}; got {item!r}")
+    return list(dict.fromkeys(items))
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3000)
-    parser.add_argument("--targets", default=",".join(ALL_TARGETS))
-    parser.add_argument("--guides", default=",".join(ALL_GUIDES))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--eval", type=int, default=10_000, help="guide draws for ELBO/moments")
-    parser.add_argument(
-        "--warm",
-        choices=("auto", "on", "off", "both"),
-        default="auto",
-        help="Laplace warm start of AutoFlowGuide (auto: posteriordb targets only)",
-    )
+    parser.add_argument("--targets", default=None, help="names, or 'synthetic'/'posteriordb'")
+    parser.add_argument("--guides", default=None, help="default: all (--quick: no pf-compile)")
+    parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2)")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--particles", type=int, default=PARTICLES, help="Pyro's and the peers'")
+    parser.add_argument("--lr", type=float, default=LR, help="Pyro's and the peers' Adam")
+    parser.add_argument("--compile-seeds", choices=("first", "all"), default="first")
+    parser.add_argument("--eval", type=int, default=EVAL, help="guide draws per fit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny budget (smoke check)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.steps, args.eval = min(args.steps, 30), min(args.eval, 1000)
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    guides = [g.strip() for g in args.guides.split(",") if g.strip()]
-    for g in guides:
-        if g not in ALL_GUIDES + EXTRA_GUIDES:
-            parser.error(
-                f"--guides: unknown guide {g!r}; expected some of {ALL_GUIDES + EXTRA_GUIDES}"
-            )
-    for t in targets:
-        if t not in ALL_TARGETS:
-            parser.error(f"--targets: unknown target {t!r}; expected some of {ALL_TARGETS}")
+        args.steps, args.eval = min(args.steps, 30), min(args.eval, IWAE_K)
+    targets = parse_list(
+        parser,
+        "--targets",
+        args.targets or ",".join(QUICK_TARGETS if args.quick else ALL_TARGETS),
+        ALL_TARGETS,
+    )
+    quick_guides = [g for g in ALL_GUIDES if g != "pf-compile"]  # its compilation takes a minute
+    default_guides = quick_guides if args.quick else ALL_GUIDES
+    guides = parse_list(parser, "--guides", args.guides or ",".join(default_guides), ALL_GUIDES)
+    seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if s]
+    if "pf-compile" in guides and "compile" not in inspect.signature(pf.infer.fit_svi).parameters:
+        print("pf-compile skipped: this fit_svi has no compile argument")
+        guides.remove("pf-compile")
 
     torch.set_num_threads(args.threads)
     pyro.enable_validation(False)
     print(
         f"python {platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}, "
-        f"pyroflows {getattr(pf, '__version__', '?')}; threads {torch.get_num_threads()}"
+        f"pyroflows {getattr(pf, '__version__', '?')}; torch threads {torch.get_num_threads()}; "
+        f"load average {_load()}"
     )
     print(
-        f"steps {args.steps}, Trace_ELBO with {PARTICLES} vectorised particles, ClippedAdam "
-        f"lr {args.lr:g} -> {args.lr / 10:g} (geometric), clip 10; seed {args.seed}; "
-        f"ELBO/moments from {args.eval} draws, IWAE K={IWAE_K}, k-hat from {KHAT_DRAWS} draws; "
-        f"warm start: {args.warm}" + (" (QUICK: smoke check only)" if args.quick else "")
+        f"{args.steps} steps; Pyro's guides and the peers: {args.particles} particles, Adam lr "
+        f"{args.lr:g}; pf-defaults: fit_svi's defaults; seeds {seeds} (pf-compile: "
+        f"{'all' if args.compile_seeds == 'all' else 'the first'}); statistics from {args.eval} "
+        f"draws, IWAE K={IWAE_K}" + (" (QUICK: smoke check only)" if args.quick else "")
     )
     if any(t in POSTERIORDB for t in targets) and not posteriors.available():
         print(f"posteriordb data not found under {posteriors.DATA_ROOT}; skipping those targets")
         targets = [t for t in targets if t not in POSTERIORDB]
 
-    tally: dict[str, list[int]] = {}
     t_start = time.perf_counter()
+    peers = [g for g in guides if g in PEER_GUIDES]
+    peer_records = run_peers(targets, peers, seeds, args) if peers else []
+    all_rows: dict[str, list[Row]] = {}
     for name in targets:
         target = make_target(name)
-        results = []
-        for kind in guides:
-            if kind.startswith("flow-"):
-                if args.warm == "both":
-                    plans = [False, True]
-                elif args.warm == "auto":
-                    plans = [name in WARM_AUTO]
-                else:
-                    plans = [args.warm == "on"]
-            else:
-                plans = [False]
-            for warm in plans:
-                results.append(run_one(target, kind, warm, args))
-        winners = print_table(target, results)
-        for r in results:
-            key = r.guide if args.warm == "both" else r.guide.removesuffix("+warm")
-            counts = tally.setdefault(key, [0, 0, 0])  # best/tied, ran, failed
-            counts[1] += 1
-            counts[2] += r.error is not None
-            counts[0] += r.guide in winners
-        sys.stdout.flush()
-
-    print(f"\n== summary over {len(targets)} targets (best or tied on ELBO = smallest KL(q||p))")
-    if args.warm == "auto" and WARM_AUTO & set(targets):
-        print(f"(flow-* rows were warm-started on: {', '.join(sorted(WARM_AUTO & set(targets)))})")
-    for guide, (wins, ran, failed) in tally.items():
-        print(
-            f"{guide:<20} best or tied on {wins} of {ran}"
-            + (f"; fails on {failed}" if failed else "")
-        )
-    print(f"total time {time.perf_counter() - t_start:.0f} s")
+        records = []
+        for seed in seeds:
+            for kind in guides:
+                if kind in PEER_GUIDES:
+                    continue
+                if kind == "pf-compile" and args.compile_seeds == "first" and seed != seeds[0]:
+                    continue
+                records.append(run_one(target, kind, seed, args))
+        records += [r for r in peer_records if r.target == name]
+        order = {g: i for i, g in enumerate(guides)}
+        records.sort(key=lambda r: (order[r.guide], r.seed))
+        all_rows[name] = print_target(name, records, target.description)
+    print_summary(all_rows)
+    print(f"\ntotal time {time.perf_counter() - t_start:.0f} s; load average {_load()}")
 
 
 if __name__ == "__main__":

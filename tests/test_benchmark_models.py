@@ -5,8 +5,10 @@ Score (Stein) identity: for the correct density in unconstrained coordinates,
 50th), each coordinate's mean gradient over its Monte Carlo standard error must be within noise;
 a deliberately wrong density (draws shifted by half a posterior sd) must be rejected. Each
 model's joint log density also matches the README's formula written out directly with
-``scipy.stats`` (up to the additive constant Stan drops). Skipped when the shared posteriordb
-data are absent.
+``scipy.stats`` (up to the additive constant Stan drops). The NumPyro versions of the models and
+of ``vi.py``'s synthetic targets (``benchmarks/numpyro_peers.py``) have the same log density in
+the same unconstrained coordinates, constants included, so ELBOs compare across libraries
+(skipped without numpyro). Skipped when the shared posteriordb data are absent.
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ import pytest
 import torch
 from pyro.poutine.util import prune_subsample_sites
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "posteriors.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("benchmark_posteriors", PATH)
+def _load_module(name: str = "posteriors"):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("benchmark_posteriors", module)
+    sys.modules.setdefault(f"benchmark_{name}", module)
     spec.loader.exec_module(module)
     return module
 
@@ -227,3 +229,53 @@ def test_log_density_matches_the_readme_formula(posterior):
     diff = ours - direct
     # float64 throughout: differences of a few 1e-9 come from sums of ~5000 terms
     np.testing.assert_allclose(diff - diff.mean(), 0.0, atol=1e-6)
+
+
+# -- the NumPyro twins of the targets -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def peers():
+    pytest.importorskip("numpyro")
+    return _load_module("numpyro_peers")
+
+
+def _numpyro_log_density(peers, name: str, us: dict[str, torch.Tensor]) -> np.ndarray:
+    import jax
+    import jax.numpy as jnp
+    from numpyro.infer.util import potential_energy
+
+    with jax.enable_x64(name in peers.X64_TARGETS):  # as numpyro_peers.py runs it
+        model = peers.numpyro_model(name)
+        # jit(vmap): eager JAX compiles each operation on first use, ten times slower here
+        log_density = jax.jit(jax.vmap(lambda u: -potential_energy(model, (), {}, u)))
+        return np.asarray(log_density({k: jnp.asarray(v.numpy()) for k, v in us.items()}))
+
+
+def test_numpyro_posterior_matches_pyro(posterior, peers):
+    params = torch.tensor(posterior.draws[::2500])  # 4 draws
+    log_p, us = P.unconstrained_log_density(posterior, params)
+    theirs = _numpyro_log_density(peers, posterior.name, {k: v.detach() for k, v in us.items()})
+    ours = log_p.detach().numpy()
+    # NumPyro computes in float32: a relative error of 1e-6 on sums of up to 5000 terms
+    np.testing.assert_allclose(theirs, ours, rtol=2e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["funnel10", "banana2", "banana10", "mixture2", "mixture10"])
+def test_numpyro_synthetic_target_matches_pyro(name, peers):
+    vi = peers.vi
+    model = vi.make_target(name).model
+    trace = poutine.trace(model).get_trace()
+    sites = [
+        s for s, site in trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]
+    ]
+    generator = torch.Generator().manual_seed(0)
+    us = {
+        s: 2 * torch.randn((4, *trace.nodes[s]["value"].shape), generator=generator) for s in sites
+    }
+    ours = []
+    for i in range(4):
+        point = {s: v[i] for s, v in us.items()}
+        ours.append(
+            float(poutine.trace(poutine.condition(model, point)).get_trace().log_prob_sum())
+        )
+    theirs = _numpyro_log_density(peers, name, us)
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-4)
