@@ -440,6 +440,17 @@ def _drawer(draw_chunk: Callable) -> Callable:
     return draw
 
 
+def _x64(on: bool):
+    """A context with JAX's 64-bit mode on or off (``jax.enable_x64``; older JAX: experimental)."""
+    import jax
+
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(on)
+    from jax.experimental import enable_x64
+
+    return enable_x64(on)
+
+
 def run_peer(peer: str, name: str, seed: int, args: argparse.Namespace) -> vi.Record:
     """Train one peer on one target with one seed and evaluate it as ``vi.py`` does."""
     import jax
@@ -448,7 +459,7 @@ def run_peer(peer: str, name: str, seed: int, args: argparse.Namespace) -> vi.Re
     if name in X64_TARGETS:
         record.notes.append("run in float64 (jax.enable_x64)")
     try:
-        with jax.enable_x64(name in X64_TARGETS):
+        with _x64(name in X64_TARGETS):
             if peer == "FlowJAX-MAF":
                 fitted = fit_flowjax(name, seed, args)
             else:

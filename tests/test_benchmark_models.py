@@ -243,7 +243,7 @@ def _numpyro_log_density(peers, name: str, us: dict[str, torch.Tensor]) -> np.nd
     import jax.numpy as jnp
     from numpyro.infer.util import potential_energy
 
-    with jax.enable_x64(name in peers.X64_TARGETS):  # as numpyro_peers.py runs it
+    with peers._x64(name in peers.X64_TARGETS):  # as numpyro_peers.py runs it
         model = peers.numpyro_model(name)
         # jit(vmap): eager JAX compiles each operation on first use, ten times slower here
         log_density = jax.jit(jax.vmap(lambda u: -potential_energy(model, (), {}, u)))
