@@ -510,9 +510,13 @@ def main(argv: list[str] | None = None) -> list[vi.Record]:
     records: list[vi.Record] = []
     absent = {p: missing(p) for p in peers}
     runnable = [p for p in peers if not absent[p]]
-    for p in peers:
-        if absent[p]:
-            print(f"numpyro_peers: {p} skipped ({', '.join(absent[p])} not installed)")
+    skipped = [p for p in peers if absent[p]]
+    if skipped:
+        packages = ", ".join(dict.fromkeys(m for p in skipped for m in absent[p]))
+        print(
+            f"numpyro_peers: {', '.join(skipped)} skipped ({packages} not installed; "
+            "pip install 'pyroflows[bench]')"
+        )
     if runnable:
         note = configure_jax()
         import jax

@@ -368,7 +368,10 @@ def run_peers(targets: Sequence[str], peers: Sequence[str], seeds: Sequence[int]
 
     absent = [m for m in ("numpyro", "jax") if importlib.util.find_spec(m) is None]
     if absent:
-        print(f"NumPyro/FlowJAX peers skipped: {', '.join(absent)} not installed")
+        print(
+            f"NumPyro/FlowJAX peers skipped ({', '.join(absent)} not installed; "
+            "pip install 'pyroflows[bench]')"
+        )
         return []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "peers.json"
