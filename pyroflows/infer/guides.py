@@ -79,9 +79,6 @@ FULL_COVARIANCE_MAX_DIM = 200
 LAPLACE_DRAWS = 256
 #: particles per step of the default objective (:meth:`AutoFlowGuide.default_loss`)
 DEFAULT_PARTICLES = 16
-#: the default objective is sticking-the-landing with an IAF up to this many latent dimensions
-#: (its gradient needs the flow's inverse: ``latent_dim`` sequential passes per layer)
-STL_SEQUENTIAL_MAX_DIM = 16
 _UNSAMPLED = "_pyroflows_unsampled"
 
 
@@ -531,19 +528,19 @@ class AutoFlowGuide(AutoContinuous):
     def default_loss(self) -> pyro.infer.ELBO:
         """The objective :func:`~pyroflows.infer.fit_svi` trains this guide with by default.
 
-        :class:`~pyroflows.infer.STL_ELBO` with ``DEFAULT_PARTICLES`` (16) particles
-        (sticking-the-landing: the score term dropped, so the gradient's variance vanishes as
-        the guide approaches the posterior; measured in ``benchmarks/README.md``) when scoring a
-        detached draw is cheap: a flow without sequential inverses (coupling flows, MAF,
-        ``"linear"``), or at most ``STL_SEQUENTIAL_MAX_DIM`` latent dimensions (an IAF's inverse
-        costs ``latent_dim`` sequential passes per layer). Otherwise Pyro's ``Trace_ELBO`` with
-        as many vectorised particles. Call it after the guide is set up (it needs
-        ``latent_dim``); before, the STL default is returned.
+        With ``DEFAULT_PARTICLES`` (16) particles per step: Pyro's ``Trace_ELBO``
+        (vectorised) for a flow whose inverse is sequential (an IAF: ``latent_dim`` passes per
+        layer), :class:`~pyroflows.infer.STL_ELBO` otherwise (coupling flows, MAF,
+        ``"linear"``). STL drops the score term, so its gradient's variance vanishes as the
+        guide approaches the posterior, and it lowered the gap at equal steps on every target
+        of ``benchmarks/vi.py``; but it scores the guide's detached draws, which costs an
+        inversion of the flow: for a 5-layer IAF over 10 latent dimensions, about 10x the time
+        of an ELBO step. Pass ``loss=pf.infer.STL_ELBO(16)`` to buy the lower gap with time.
         """
         sequential = getattr(self, "flow", None) is not None and any(
             getattr(m, "orientation", None) == "iaf" for m in self.flow.modules()
         )
-        if sequential and getattr(self, "latent_dim", 0) > STL_SEQUENTIAL_MAX_DIM:
+        if sequential or self._flow_spec[0] == "iaf":
             return pyro.infer.Trace_ELBO(num_particles=DEFAULT_PARTICLES, vectorize_particles=True)
         return STL_ELBO(num_particles=DEFAULT_PARTICLES)
 
