@@ -1,6 +1,7 @@
 """Variational inference with flows: guides, objectives, training and evidence."""
 
 from .evidence import ImportanceDraws, importance_draws, log_evidence
+from .exact import NeuTraModel, PSISDraws, neutra, psis_draws
 from .fast import FastPathUnavailable
 from .guides import AmortizedFlow, AutoFlowGuide, WarmStart, init_to_unconstrained_zero
 from .objectives import IWAE, STL_ELBO, log_importance_weights
@@ -15,7 +16,9 @@ __all__ = [
     "AutoFlowGuide",
     "FastPathUnavailable",
     "ImportanceDraws",
+    "NeuTraModel",
     "NotTraceable",
+    "PSISDraws",
     "Potential",
     "WarmStart",
     "fit_svi",
@@ -24,4 +27,6 @@ __all__ = [
     "init_to_unconstrained_zero",
     "log_evidence",
     "log_importance_weights",
+    "neutra",
+    "psis_draws",
 ]
