@@ -469,7 +469,9 @@ class AutoFlowGuide(AutoContinuous):
             # PyroModule registers a plain submodule with update_module_params=False: after
             # pyro.get_param_store().load(...), the flow would compute with its own fresh tensors
             # while SVI optimised the loaded ones. Swap the param store's tensors in.
-            pyro.module(self._pyro_get_fullname("flow"), flow, update_module_params=True)
+            name = self._pyro_get_fullname("flow")
+            _check_store_shapes(name, flow)
+            pyro.module(name, flow, update_module_params=True)
             self._adopt_store_tensors()
         return flow()
 
@@ -834,6 +836,20 @@ class AutoFlowGuide(AutoContinuous):
             self.ref_scale.copy_(scale_tril.pow(2).sum(-1).sqrt())  # marginal sds
         self.loc.zero_()
         self.scale_unconstrained.zero_()  # exp(0) = 1
+
+
+def _check_store_shapes(name: str, flow: nn.Module) -> None:
+    """Refuse a param store holding another flow under this guide's names (Pyro would load
+    it into this flow and fail deep inside with a shape error)."""
+    store = pyro.get_param_store()
+    for key, param in flow.named_parameters():
+        stored = store._params.get(f"{name}$$${key}")
+        if stored is not None and stored.shape != param.shape:
+            raise ValueError(
+                f"the param store holds {name}$$${key} of shape {tuple(stored.shape)}, from "
+                f"another guide of the same name; this guide's flow expects "
+                f"{tuple(param.shape)}: call pyro.clear_param_store() before building a new guide"
+            )
 
 
 def _hessian(fn: Callable, z: torch.Tensor) -> torch.Tensor:

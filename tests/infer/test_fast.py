@@ -413,3 +413,13 @@ def test_the_default_objective_follows_the_cost_of_the_flows_inverse():
         guide._setup_prototype(d)
         loss = default_loss(guide)
         assert type(loss) is expected and loss.num_particles == 16, (flow, d)
+
+
+def test_a_store_holding_another_flow_is_refused_by_name():
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+
+    fit_svi(model, AutoFlowGuide(model, flow="nsf"), steps=2, progress=False)
+    other = AutoFlowGuide(model, flow="realnvp")  # the store not cleared
+    with pytest.raises(ValueError, match=r"call pyro.clear_param_store\(\) before building"):
+        fit_svi(model, other, steps=2, progress=False)
