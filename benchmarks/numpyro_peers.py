@@ -489,7 +489,7 @@ def run_peer(peer: str, name: str, seed: int, args: argparse.Namespace) -> vi.Re
 
 def main(argv: list[str] | None = None) -> list[vi.Record]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--targets", default=None, help="names, or 'synthetic'/'posteriordb'")
+    parser.add_argument("--targets", default=None, help="names, or synthetic, posteriordb, all")
     parser.add_argument("--peers", default=",".join(PEERS))
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2)")
     parser.add_argument("--steps", type=int, default=vi.STEPS)

@@ -1,11 +1,16 @@
 """Variational inference: pyroflows' defaults next to Pyro's autoguides and NumPyro/FlowJAX flows.
 
-    python benchmarks/vi.py [--targets funnel10,...|synthetic|posteriordb] [--guides ...]
+    python benchmarks/vi.py [--targets synthetic|posteriordb|all|funnel10,...] [--guides ...]
                             [--seeds 0,1,2] [--steps 2000] [--particles 16] [--lr 1e-3]
-                            [--compile-seeds first|all] [--eval 10000] [--quick]
+                            [--compile-seeds first|all] [--compile-cache cold|warm]
+                            [--eval 10000] [--quick]
 
 One run prints, per target, one row per guide with the mean ± standard error over seeds of each
-figure, and marks the guides that are best or tied.
+figure, and marks the guides that are best or tied; then a summary and a table of speed ratios.
+The default run (the five synthetic targets, seeds 0, 1, 2, 2000 steps) takes about 20-25 min on
+one CPU thread; ``--targets posteriordb`` about 35-40 min (``--seeds 0,1``: under 30);
+``--quick`` (30 steps, 1000 draws, seed 0, ``mixture2`` and ``garch``, no ``pf-compile``) about
+a minute, mostly JAX compiling.
 
 Targets. With a known normaliser (log Z = 0, written as proper Pyro models, or as a factor over a
 dummy latent with a proper prior that the factor divides out):
@@ -27,8 +32,11 @@ Guides (``--guides``; all by default):
   path ``fit_svi`` takes. Only ``progress=False`` and a timing ``callback`` are passed (they change
   nothing in the fit); Pyro's seed is set before the guide is built.
 * ``pf-compile``: the same with ``compile=True`` (when ``fit_svi`` accepts it). Its compilation
-  takes about a minute per fit on a CPU, so by default it runs on the first seed only
-  (``--compile-seeds all`` for every seed): its row then has no standard errors over seeds.
+  takes up to a minute per fit on a CPU, so by default it runs on the first seed only
+  (``--compile-seeds all`` for every seed): its row then has no standard errors over seeds. It
+  compiles from empty caches (``--compile-cache cold``: a fresh ``TORCHINDUCTOR_CACHE_DIR`` and
+  the in-memory caches cleared), as a user's first run does and as JAX does (no persistent
+  cache); ``--compile-cache warm`` keeps the machine's inductor cache.
 * ``AutoIAFNormal`` (``num_transforms=3``, ``hidden_dim=[64, 64]``), ``AutoNormal``, ``AutoMVN``
   (``AutoMultivariateNormal``), ``AutoNF-spline`` (``AutoNormalizingFlow`` with 3
   ``spline_autoregressive`` layers, hidden ``[64, 64]``, 8 bins, bound 5): Pyro's autoguides with
@@ -60,6 +68,7 @@ the load average before and after.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
 import json
@@ -277,13 +286,39 @@ def make_pyro_guide(kind: str, model: Callable) -> Callable:
     raise ValueError(f"kind: expected one of {PYRO_GUIDES}; got {kind!r}")
 
 
-def _steady(stamps: list[tuple[int, float]], t0: float, steps: int) -> tuple[float, float]:
-    """Seconds per step after the first stamp, and the time before it less its steps."""
+def _steady(stamps: list[tuple[int, float]], t0: float) -> tuple[float, float]:
+    """From ``(step, time)`` stamps: seconds per step over the second half of the run, and the
+    rest of the time to the last stamp (compilation, set-up) less the steps taken in it."""
     if len(stamps) < 2:
         return math.nan, math.nan
-    (s1, t1), (s2, t2) = stamps[0], stamps[-1]
-    per_step = (t2 - t1) / (s2 - s1)
-    return per_step, max(t1 - t0 - s1 * per_step, 0.0)
+    last_step, last = stamps[-1]
+    mid_step, mid = min(stamps[:-1], key=lambda st: abs(st[0] - last_step / 2))
+    per_step = (last - mid) / (last_step - mid_step)
+    return per_step, max(last - t0 - last_step * per_step, 0.0)
+
+
+@contextlib.contextmanager
+def _inductor_cache(cold: bool):
+    """With ``cold``: torch.compile starts from empty caches (a fresh on-disk cache folder, the
+    in-memory ones cleared), as on a user's first run and as JAX starts (no persistent cache)."""
+    if not cold:
+        yield
+        return
+    import torch._dynamo
+    from torch._inductor.utils import clear_inductor_caches
+
+    before = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="vi_inductor_") as folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+        torch._dynamo.reset()
+        clear_inductor_caches()
+        try:
+            yield
+        finally:
+            if before is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
 
 
 def fit_pf(target: Target, kind: str, seed: int, args: argparse.Namespace, record: Record):
@@ -291,7 +326,10 @@ def fit_pf(target: Target, kind: str, seed: int, args: argparse.Namespace, recor
     pyro.set_rng_seed(seed)
     stamps: list[tuple[int, float]] = []
     options = {"compile": True} if kind == "pf-compile" else {}
-    with warnings.catch_warnings(record=True) as caught:
+    with (
+        _inductor_cache(kind == "pf-compile" and args.compile_cache == "cold"),
+        warnings.catch_warnings(record=True) as caught,
+    ):
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         guide = pf.infer.AutoFlowGuide(target.model)
@@ -303,7 +341,7 @@ def fit_pf(target: Target, kind: str, seed: int, args: argparse.Namespace, recor
             callback=lambda step, _: stamps.append((step, time.perf_counter())),
             **options,
         )
-    per_step, record.compile_s = _steady(stamps, t0, args.steps)
+    per_step, record.compile_s = _steady(stamps, t0)
     record.sec_per_1000 = 1000 * per_step
     seen = set()
     for w in caught:
@@ -546,6 +584,8 @@ def print_summary(all_rows: dict[str, list[Row]]) -> None:
             + (f"; fails on {failed}" if failed else "")
         )
 
+    print_matrix(all_rows, guides)
+
     def per_1000(rows: list[Row], guide: str) -> float:
         for r in rows:
             if r.guide == guide and r.error is None:
@@ -579,8 +619,59 @@ def print_summary(all_rows: dict[str, list[Row]]) -> None:
         print(line)
 
 
+def reference_noise(name: str) -> float:
+    """max |mean(chains 1-5) - mean(chains 6-10)| / sd of the reference draws: how well NUTS'
+    own 10,000 draws pin the means (the error of the half-sets' mean is about half of this)."""
+    draws = posterior(name).draws
+    half = len(draws) // 2
+    diff = np.abs(draws[:half].mean(0) - draws[half:].mean(0))
+    return float(np.max(diff / draws.std(0, ddof=1)))
+
+
+def print_matrix(all_rows: dict[str, list[Row]], guides: Sequence[str]) -> None:
+    """The headline tables: gap per synthetic target and guide; for posteriordb, the largest
+    mean error in reference sds and the range of sd ratios per target and guide."""
+
+    def cell(rows: list[Row], guide: str, text: Callable[[Row], str]) -> str:
+        for r in rows:
+            if r.guide == guide:
+                return "fails" if r.error is not None else text(r)
+        return "-"
+
+    def gap(r: Row) -> str:
+        mean, se = r.stats["elbo"]
+        return f"{-mean:.3f} ± {se:.3f}" if math.isfinite(se) else f"{-mean:.3f}"
+
+    synthetic = [t for t in all_rows if t in SYNTHETIC]
+    if synthetic:
+        print("\n== gap log Z - ELBO (nats), mean ± se over seeds; * best or tied")
+        print(f"{'target':<12}" + "".join(f"{g:>18}" for g in guides))
+        for name in synthetic:
+            rows, winners = all_rows[name], best_and_tied(all_rows[name])
+            line = f"{name:<12}"
+            for g in guides:
+                line += f"{cell(rows, g, gap) + ('*' if g in winners else ' '):>18}"
+            print(line)
+    pdb = [t for t in all_rows if t in POSTERIORDB]
+    if pdb:
+        print(
+            "\n== posteriordb: max |mean_q - mean_ref| / sd_ref (sd_q / sd_ref from-to), mean over "
+            "seeds; NUTS: the reference's own split-half difference"
+        )
+        print(f"{'target':<18}{'NUTS':>8}" + "".join(f"{g:>20}" for g in guides))
+
+        def moments(r: Row) -> str:
+            lo, hi = r.stats["sd_lo"][0], r.stats["sd_hi"][0]
+            return f"{r.stats['mean_err'][0]:.3f} ({lo:.2f}-{hi:.2f})"
+
+        for name in pdb:
+            line = f"{name:<18}{reference_noise(name):>8.3f}"
+            line += "".join(f"{cell(all_rows[name], g, moments):>20}" for g in guides)
+            print(line)
+
+
 def parse_list(parser, option: str, text: str, allowed: Sequence[str]) -> list[str]:
-    groups = {"synthetic": SYNTHETIC, "posteriordb": POSTERIORDB}
+    groups = {"synthetic": SYNTHETIC, "posteriordb": POSTERIORDB, "all": ALL_TARGETS}
     items: list[str] = []
     for item in (t.strip() for t in text.split(",")):
         if item in groups and option == "--targets":
@@ -601,13 +692,21 @@ def _load() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--targets", default=None, help="names, or 'synthetic'/'posteriordb'")
+    parser.add_argument(
+        "--targets", default=None, help="names, or synthetic (default), posteriordb, all"
+    )
     parser.add_argument("--guides", default=None, help="default: all (--quick: no pf-compile)")
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2)")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--particles", type=int, default=PARTICLES, help="Pyro's and the peers'")
     parser.add_argument("--lr", type=float, default=LR, help="Pyro's and the peers' Adam")
     parser.add_argument("--compile-seeds", choices=("first", "all"), default="first")
+    parser.add_argument(
+        "--compile-cache",
+        choices=("cold", "warm"),
+        default="cold",
+        help="pf-compile from empty torch.compile caches (cold) or with the machine's (warm)",
+    )
     parser.add_argument("--eval", type=int, default=EVAL, help="guide draws per fit")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="tiny budget (smoke check)")
@@ -617,7 +716,7 @@ def main(argv: list[str] | None = None) -> None:
     targets = parse_list(
         parser,
         "--targets",
-        args.targets or ",".join(QUICK_TARGETS if args.quick else ALL_TARGETS),
+        args.targets or ",".join(QUICK_TARGETS if args.quick else SYNTHETIC),
         ALL_TARGETS,
     )
     quick_guides = [g for g in ALL_GUIDES if g != "pf-compile"]  # its compilation takes a minute
