@@ -24,6 +24,9 @@ def test_readme_python_blocks_run():
     trace = pyro.poutine.trace(flows["guide"]).get_trace(torch.randn(5, 2))
     assert trace.nodes["z"]["value"].shape == (5, 2)
     # the Bayesian example recovers the data's mean and scale, and its diagnostics are sane
-    bayes = next(ns for ns in spaces if "psis" in ns)
+    bayes = next(ns for ns in spaces if "exact" in ns)
     assert abs(bayes["draws"]["mu"].mean() - bayes["x"].mean()) < 0.2
-    assert bayes["se"] < 0.1 and bayes["psis"].khat < 0.7
+    # (k-hat itself is not asserted: an ELBO-trained guide's Gaussian tails in log sigma are
+    # lighter than the posterior's exponential one, which k-hat sees even at a gap of 0.002)
+    assert abs(bayes["exact"].draws["sigma"].mean() - bayes["x"].std()) < 0.3
+    assert bayes["exact"].ess > 0.5 * bayes["exact"].num_samples
