@@ -79,6 +79,9 @@ FULL_COVARIANCE_MAX_DIM = 200
 LAPLACE_DRAWS = 256
 #: particles per step of the default objective (:meth:`AutoFlowGuide.default_loss`)
 DEFAULT_PARTICLES = 16
+#: the default objective of an IAF guide is sticking-the-landing up to this many latent
+#: dimensions (its gradient inverts the flow: ``latent_dim`` sequential passes per layer)
+STL_SEQUENTIAL_MAX_DIM = 3
 _UNSAMPLED = "_pyroflows_unsampled"
 
 
@@ -530,19 +533,23 @@ class AutoFlowGuide(AutoContinuous):
     def default_loss(self) -> pyro.infer.ELBO:
         """The objective :func:`~pyroflows.infer.fit_svi` trains this guide with by default.
 
-        With ``DEFAULT_PARTICLES`` (16) particles per step: Pyro's ``Trace_ELBO``
-        (vectorised) for a flow whose inverse is sequential (an IAF: ``latent_dim`` passes per
-        layer), :class:`~pyroflows.infer.STL_ELBO` otherwise (coupling flows, MAF,
-        ``"linear"``). STL drops the score term, so its gradient's variance vanishes as the
-        guide approaches the posterior, and it lowered the gap at equal steps on every target
-        of ``benchmarks/vi.py``; but it scores the guide's detached draws, which costs an
-        inversion of the flow: for a 5-layer IAF over 10 latent dimensions, about 10x the time
-        of an ELBO step. Pass ``loss=pf.infer.STL_ELBO(16)`` to buy the lower gap with time.
+        With ``DEFAULT_PARTICLES`` (16) particles per step: :class:`~pyroflows.infer.STL_ELBO`
+        (sticking-the-landing: the score term dropped, so the gradient's variance vanishes as
+        the guide approaches the posterior) when scoring the guide's detached draws is cheap,
+        i.e. for flows whose inverse is one pass (coupling flows, MAF, ``"linear"``) and for an
+        IAF over at most ``STL_SEQUENTIAL_MAX_DIM`` (3) latent dimensions; Pyro's ``Trace_ELBO``
+        (vectorised) for a larger IAF, whose inverse costs ``latent_dim`` sequential passes per
+        layer. Measured on one CPU thread for the default 5-layer IAF: an STL step costs 1.6x an
+        ELBO step at 2 latent dimensions, 2.8x at 4 and 5.4x at 10, while halving the gap at
+        equal steps (``benchmarks/README.md``). Pass ``loss=pf.infer.STL_ELBO(16)`` to buy the
+        lower gap with time in more dimensions. Before the guide is set up (``latent_dim``
+        unknown) an IAF gets the ELBO.
         """
-        sequential = getattr(self, "flow", None) is not None and any(
-            getattr(m, "orientation", None) == "iaf" for m in self.flow.modules()
+        sequential = self._flow_spec[0] == "iaf" or (
+            getattr(self, "flow", None) is not None
+            and any(getattr(m, "orientation", None) == "iaf" for m in self.flow.modules())
         )
-        if sequential or self._flow_spec[0] == "iaf":
+        if sequential and getattr(self, "latent_dim", math.inf) > STL_SEQUENTIAL_MAX_DIM:
             return pyro.infer.Trace_ELBO(num_particles=DEFAULT_PARTICLES, vectorize_particles=True)
         return STL_ELBO(num_particles=DEFAULT_PARTICLES)
 

@@ -405,6 +405,7 @@ def test_the_default_objective_follows_the_cost_of_the_flows_inverse():
         pyro.sample("z", dist.Normal(torch.zeros(d), 1.0).to_event(1))
 
     for flow, d, expected in [
+        ("iaf", 2, STL_ELBO),
         ("iaf", 4, Trace_ELBO),
         ("realnvp", 4, STL_ELBO),
         ("maf", 4, STL_ELBO),
