@@ -41,6 +41,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from ..engine import Loss, SVILoss
+from .guides import DEFAULT_PARTICLES
 from .objectives import IWAE, STL_ELBO
 from .potential import NotTraceable, Potential
 
@@ -60,8 +61,10 @@ def default_loss(guide: Any) -> pyro.infer.ELBO:
 
     The guide's own ``default_loss()`` when it has one
     (:meth:`AutoFlowGuide.default_loss <pyroflows.infer.AutoFlowGuide.default_loss>`:
-    sticking-the-landing with 16 particles where its inverse is cheap); for any other guide
-    Pyro's ``Trace_ELBO()`` (one particle), as ``pyro.infer.SVI`` users expect.
+    sticking-the-landing with 16 particles where its inverse is cheap); for another guide of
+    the fast path (one with ``_reverse_kl``) :class:`~pyroflows.infer.STL_ELBO` with 16
+    particles; for any other guide Pyro's ``Trace_ELBO()`` (one particle), as
+    ``pyro.infer.SVI`` users expect.
 
     Example:
         >>> from pyro.infer.autoguide import AutoNormal
@@ -70,7 +73,11 @@ def default_loss(guide: Any) -> pyro.infer.ELBO:
         'Trace_ELBO'
     """
     own = getattr(guide, "default_loss", None)
-    return own() if callable(own) else Trace_ELBO()
+    if callable(own):
+        return own()
+    if hasattr(guide, "_reverse_kl"):  # another fast-path guide (AutoFlowMixture, ...)
+        return STL_ELBO(num_particles=DEFAULT_PARTICLES)
+    return Trace_ELBO()
 
 
 def objective_of(loss: Any) -> tuple[str, int] | None:
