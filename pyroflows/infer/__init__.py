@@ -4,6 +4,7 @@ from .evidence import ImportanceDraws, importance_draws, log_evidence
 from .exact import NeuTraModel, PSISDraws, neutra, psis_draws
 from .fast import FastPathUnavailable
 from .guides import AmortizedFlow, AutoFlowGuide, WarmStart, init_to_unconstrained_zero
+from .mixture import AutoFlowMixture, FlowMixture
 from .objectives import IWAE, STL_ELBO, log_importance_weights
 from .potential import NotTraceable, Potential
 from .svi import fit_svi
@@ -14,7 +15,9 @@ __all__ = [
     "STL_ELBO",
     "AmortizedFlow",
     "AutoFlowGuide",
+    "AutoFlowMixture",
     "FastPathUnavailable",
+    "FlowMixture",
     "ImportanceDraws",
     "NeuTraModel",
     "NotTraceable",
