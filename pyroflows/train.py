@@ -141,8 +141,9 @@ def fit(
             over when ``batch_size`` does not divide the training set are skipped in that
             epoch, a different few each epoch), so that one compiled graph serves the run.
         divergence: a loss above ``best + divergence * max(1, |best|)``, with ``best`` the
-            lowest loss so far, stops training as a NaN does (a run that blows up while staying
-            finite); ``None`` checks for NaN/inf only.
+            lowest loss so far, for three steps in a row stops training as a NaN does (a run that
+            blows up while staying finite; one far loss alone is let through); ``None`` checks
+            for NaN/inf only.
         dequantize: for discrete images, their bit depth (``8``): ``data`` then holds integers
             in ``[0, 2**bits - 1]`` and every batch is dequantised afresh,
             ``(x + u) / 2**bits`` with uniform ``u`` (:func:`pyroflows.images.dequantize`),

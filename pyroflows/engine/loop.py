@@ -22,10 +22,14 @@ from .step import Step
 
 __all__ = ["DIVERGENCE", "SYNC_EVERY", "History", "TrainingDiverged", "train"]
 
-#: A loss above ``best + DIVERGENCE * max(1, |best|)`` (``best``: the lowest loss so far) counts
-#: as divergence, like a NaN. Far beyond the noise of any minibatch or Monte Carlo loss, and
-#: reached within a few steps by a run whose parameters blow up.
+#: A loss above ``best + DIVERGENCE * max(1, |best|)`` (``best``: the lowest loss so far) for
+#: ``FAR_STEPS`` steps in a row counts as divergence, like a NaN. Far beyond the noise of any
+#: minibatch, and reached within a few steps by a run whose parameters blow up.
 DIVERGENCE = 1e4
+#: Consecutive far losses that count as divergence. One far loss alone is let through: a
+#: Monte Carlo loss of a wide variational start can be 1e10 at one step and 1e3 at the next
+#: (a guide's draw in the far tail), and Adam's steps stay bounded; a NaN stops at once.
+FAR_STEPS = 3
 #: Steps between reads of the loss on a GPU by default (each read waits for the device, which
 #: would otherwise run ahead of Python); on a CPU every step's loss is read at once.
 SYNC_EVERY = 25
@@ -127,6 +131,8 @@ class _Run:
         self.best: Any = None
         self.since_best = 0
         self.guard: _Guard | None = None
+        self.far_since: int | None = None  # the first step of the current run of far losses
+        self.far_value = math.nan
 
     # -- checks, each against a window of losses ----------------------------------------------
     def flush(self, pending: list, step: int, t0: float) -> None:
@@ -146,24 +152,31 @@ class _Run:
                 and reference is not None
                 and v > reference + self.divergence * max(1.0, abs(reference))
             )
+            if far and self.far_since is None:
+                self.far_since, self.far_value = first + i, v
+            if far and first + i - self.far_since + 1 < FAR_STEPS:
+                continue  # let one or two far losses through (the guard does not advance)
             if not math.isfinite(v) or far:
+                bad = self.far_since if far else first + i
                 self.history.train_loss.extend(values[:i])
-                self.history.steps = first + i
+                del self.history.train_loss[bad:]
+                self.history.steps = bad
                 self.history.seconds += time.perf_counter() - t0
-                restored = guard.restore(first + i)
+                restored = guard.restore(bad)
                 what = (
                     f"is {v}"
                     if not far
-                    else f"is {v:.4g}, far above the lowest so far ({reference:.4g}): training "
-                    "diverged"
+                    else f"is {self.far_value:.4g}, far above the lowest so far "
+                    f"({reference:.4g}), and stayed so for {FAR_STEPS} steps: training diverged"
                 )
                 raise TrainingDiverged(
-                    f"{self.name}: the loss at step {first + i} {what}; {self.loss.what} was "
+                    f"{self.name}: the loss at step {bad} {what}; {self.loss.what} was "
                     f"restored to its state at step {restored}, the last with a good loss. "
                     f"{self.loss.advice}",
                     self.history,
-                    first + i,
+                    bad,
                 )
+            self.far_since = None
             guard.reference = v if reference is None else min(reference, v)
         self.history.train_loss.extend(values)
 
@@ -256,7 +269,8 @@ class _Run:
                     current = self.loss.parameters()
                     if len(current) != len(self.guard.params):  # a parameter appeared
                         self.guard = _Guard(current, self.guard.reference, step)
-                    self.guard.advance(step)
+                    if self.far_since is None:  # not past a far loss that may be the first
+                        self.guard.advance(step)
                 batch = self.source.batch(step)
                 pending.append(self.step(*self.loss.inputs(batch)))
                 if self.schedule is not None:
@@ -328,10 +342,12 @@ def train(
     ``callback(step, history)``, which may return ``True`` to stop.
 
     **Guards.** A loss that is NaN or infinite, or higher than ``best + divergence * max(1,
-    |best|)`` where ``best`` is the lowest loss so far (a run that diverges while staying
-    finite), stops training with :class:`TrainingDiverged`, the parameters restored to their
-    state before that step. Losses are read every ``sync_every`` steps (reading one waits for a
-    GPU). Ctrl-C ends training with the best state so far (``history.interrupted``).
+    |best|)`` where ``best`` is the lowest loss so far for ``FAR_STEPS`` (3) steps in a row (a
+    run that diverges while staying finite; a single far loss, e.g. a variational start's draw
+    in a far tail, is let through), stops training with :class:`TrainingDiverged`, the
+    parameters restored to their state before the first bad step. Losses are read every
+    ``sync_every`` steps (reading one waits for a GPU). Ctrl-C ends training with the best
+    state so far (``history.interrupted``).
 
     **Checkpoints and resuming.** With a :class:`~pyroflows.engine.Checkpoint`, the run's whole
     state is written at every validation and at the end; with ``resume`` and a checkpoint on

@@ -193,7 +193,8 @@ def fit_svi(
         valid_rows: validate on at most this many rows (evenly spaced through the validation
             set); ``None``: all.
         divergence: a loss above ``best + divergence * max(1, |best|)`` (``best``: the lowest
-            so far) stops training as a NaN does; ``None`` checks for NaN/inf only.
+            so far) for three steps in a row stops training as a NaN does; ``None`` checks for
+            NaN/inf only.
         fast: ``None`` (default): the fast path when the guide, objective and model qualify;
             ``True``: the fast path or a :class:`~pyroflows.infer.NotTraceable` error saying
             why not; ``False``: Pyro's traced SVI.

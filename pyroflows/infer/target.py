@@ -104,7 +104,8 @@ def fit_target(
         callback: called as ``callback(step, history)`` after every evaluation point;
             returning ``True`` stops training.
         divergence: a loss above ``best + divergence * max(1, |best|)`` (``best``: the lowest
-            so far) stops training as a NaN does; ``None`` checks for NaN/inf only.
+            so far) for three steps in a row stops training as a NaN does; ``None`` checks for
+            NaN/inf only.
         compile: ``True`` (or a ``torch.compile`` mode) compiles the step (the draw, ``log q``,
             ``log_p`` if it is torch code, the backward pass; on CUDA the whole step with the
             optimiser as one CUDA graph): seconds to a minute once, then faster steps.

@@ -185,3 +185,25 @@ def test_a_resumed_run_that_diverges_at_once_names_the_step_it_resumed_from(tmp_
     with pytest.raises(pf.TrainingDiverged, match=match):
         pf.fit(flow, x, checkpoint=tmp_path, resume=True, **kwargs)
     torch.testing.assert_close(flow.transforms[0].shift, steady.transforms[0].shift)
+
+
+def test_one_far_loss_is_let_through_and_three_in_a_row_stop():
+    target = torch.distributions.Normal(0.0, 1.0)
+
+    def make(bad_calls):
+        calls = [0]
+
+        def log_p(z):  # calls 1 and 2 check log_p; step s is call s + 2
+            calls[0] += 1
+            out = target.log_prob(z).sum(-1)
+            return out - 1e9 if calls[0] in bad_calls else out
+
+        return log_p
+
+    flow = pf.LinearFlow(dim=2, layers=1, elementwise=None)
+    history = fit_target(flow, make({6}), steps=20, progress=False, seed=0)  # one outlier
+    assert history.steps == 20 and max(history.train_loss) > 1e8
+    flow = pf.LinearFlow(dim=2, layers=1, elementwise=None)
+    with pytest.raises(pf.TrainingDiverged, match=r"step 4 is .* stayed so for 3 steps") as info:
+        fit_target(flow, make({6, 7, 8}), steps=20, progress=False, seed=0)
+    assert info.value.step == 4 and len(info.value.history.train_loss) == 4
