@@ -365,6 +365,7 @@ def neutra(model: Callable, guide: AutoContinuous) -> NeuTraModel:
         ...     scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
         ...     with pyro.plate("data", len(y)):
         ...         pyro.sample("y", dist.Normal(0.0, scale), obs=y)
+        >>> pyro.clear_param_store()
         >>> pyro.set_rng_seed(0)
         >>> y = 2.0 * torch.randn(10)
         >>> guide = AutoFlowGuide(model, flow="iaf", layers=1, hidden=(8,))

@@ -135,6 +135,7 @@ class FastSVI(SVILoss):
         >>> loss = FastSVI(model, guide, pyro.infer.Trace_ELBO(num_particles=4))
         >>> loss().shape
         torch.Size([])
+        >>> pyro.clear_param_store()
     """
 
     backward = Loss.backward  # plain torch: the engine's Step back-propagates (and can compile)

@@ -347,6 +347,7 @@ class AutoFlowGuide(AutoContinuous):
         ...     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
         ...     with pyro.plate("data", len(y)):
         ...         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+        >>> pyro.clear_param_store()  # no other guide's parameters under the same names
         >>> pyro.set_rng_seed(0)
         >>> y = 3.0 + torch.randn(20)
         >>> guide = AutoFlowGuide(model, flow="iaf", layers=2, hidden=(16,))
