@@ -18,12 +18,13 @@ at its own location, and trains it with the *stratified* mixture ELBO of Morning
 reparameterised: ``rsample`` picks a component for each draw at random and returns a
 reparameterised draw of that component, and ``score_parts`` (Pyro's hook for such
 distributions) adds the score-function term :math:`\log w_k \cdot (\log p - \log q)` for the
-choice. So ``pyro.infer.SVI`` with Pyro's ``Trace_ELBO`` (or ``TraceGraph_ELBO``) gives an
-unbiased gradient: pathwise for the components, REINFORCE without a baseline for the weights
-(noisy: train with :meth:`AutoFlowMixture._reverse_kl` where possible, which needs no score
-function). pyroflows' ``STL_ELBO`` and ``IWAE`` read ``has_rsample`` instead of
-``score_parts`` and so miss the choice's term: under them the weights get no (STL) or a biased
-(IWAE) gradient. Do not train a mixture with them.
+choice. So ``pyro.infer.SVI`` with Pyro's ``Trace_ELBO`` gives an unbiased gradient: pathwise
+for the components, REINFORCE without a baseline for the weights (noisy: train with
+``pf.infer.fit_svi``, whose fast path uses :meth:`AutoFlowMixture._reverse_kl` and needs no
+score function). pyroflows' ``STL_ELBO`` and ``IWAE`` on Pyro's traced path read
+``has_rsample`` instead of ``score_parts`` and so miss the choice's term: under them the
+weights get no (STL) or a biased (IWAE) gradient. Do not train a mixture with them on the
+traced path (``fit_svi`` falls back to ``Trace_ELBO`` there when no loss is given).
 """
 
 from __future__ import annotations
