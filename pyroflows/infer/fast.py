@@ -47,6 +47,8 @@ from .potential import NotTraceable, Potential
 
 __all__ = ["FastPathUnavailable", "FastSVI", "default_loss", "objective_of"]
 
+#: the tempered likelihood's first exponent (:meth:`FastSVI.temper`)
+ANNEAL_BETA0 = 0.05
 #: the draws the structure check of the model records it at (half at each of two points sets)
 CHECK_DRAWS = 16
 
@@ -149,6 +151,8 @@ class FastSVI(SVILoss):
         kwargs: dict | None = None,
     ) -> None:
         super().__init__(model, guide, elbo, args, kwargs)
+        self.anneal: tuple[int, float] | None = None  # (steps, beta0), see :meth:`temper`
+        self.calls = 0
         found = objective_of(elbo)
         if found is None:
             raise NotTraceable(f"the objective {type(elbo).__name__} has no fast equivalent")
@@ -185,17 +189,32 @@ class FastSVI(SVILoss):
     def parameters(self) -> list[torch.Tensor]:
         return self._params
 
+    def temper(self, steps: int, beta0: float = ANNEAL_BETA0) -> None:
+        """Train on the tempered posterior ``prior · likelihood^β`` for the first ``steps``
+        steps, ``β_t = beta0^(1 - t / steps)`` rising geometrically from ``beta0`` to 1, then on
+        the posterior itself. Tempering starts the guide on a broad target and sharpens it: with
+        a mixture guide it found every mode of separated multimodal posteriors where the
+        untempered fit missed some (docs/multimodal.md). The recorded loss is then the tempered
+        one (not ``-ELBO``) until step ``steps``."""
+        self.anneal = (int(steps), float(beta0))
+
     def inputs(self, batch: None) -> tuple:
-        return ()
+        step, self.calls = self.calls, self.calls + 1
+        if self.anneal is None:
+            return ()
+        steps, beta0 = self.anneal
+        beta = beta0 ** (1.0 - step / steps) if step < steps else 1.0
+        return (torch.tensor(beta, dtype=torch.get_default_dtype()),)  # a tensor: no recompiles
 
-    def log_p(self, z: torch.Tensor) -> torch.Tensor:
+    def log_p(self, z: torch.Tensor, beta: torch.Tensor | None = None) -> torch.Tensor:
         """The model's log joint density of packed unconstrained latents ``z``, ``(n, latent_dim)``
-        -> ``(n,)``."""
+        -> ``(n,)``; with ``beta``, the tempered ``log prior + beta · log likelihood``."""
         log_prior, log_lik = self.potential(z)
-        return log_prior + log_lik
+        return log_prior + (log_lik if beta is None else beta.to(log_lik) * log_lik)
 
-    def __call__(self) -> torch.Tensor:
-        value, surrogate = self.guide._reverse_kl(self.log_p, self.num_particles, self.objective)
+    def __call__(self, beta: torch.Tensor | None = None) -> torch.Tensor:
+        log_p = self.log_p if beta is None else (lambda z: self.log_p(z, beta))
+        value, surrogate = self.guide._reverse_kl(log_p, self.num_particles, self.objective)
         # The value of the loss, the gradient of the estimator.
         return value.detach() + (surrogate - surrogate.detach())
 
@@ -205,8 +224,16 @@ class FastSVI(SVILoss):
     def setup(self, source: Any, fresh: bool) -> None:
         pass  # the constructor ran the guide and recorded the model
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "calls": self.calls}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.calls = int(state.get("calls", 0))
+
     def fingerprint(self) -> dict[str, Any]:
-        return {**super().fingerprint(), "path": "fast", "objective": self.objective}
+        found = {**super().fingerprint(), "path": "fast", "objective": self.objective}
+        return found if self.anneal is None else {**found, "anneal": list(self.anneal)}
 
 
 def fast_loss(

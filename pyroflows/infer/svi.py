@@ -102,6 +102,7 @@ def fit_svi(
     fast: bool | None = None,
     compile: bool | str = False,
     scheduler: str | None = "auto",
+    anneal: float | None = None,
     **kwargs: Any,
 ) -> History:
     """Train a guide (and the model's parameters) by stochastic variational inference.
@@ -205,6 +206,11 @@ def fit_svi(
             run, :func:`pyroflows.engine.schedule`; needs the fast path with
             ``optimizer="adam"``), ``None`` (constant), or ``"auto"`` (default): cosine where
             it applies, constant otherwise (Pyro's optimisers, the traced path).
+        anneal: with the fast path, the fraction of the steps over which the likelihood is
+            tempered, ``prior · likelihood^β`` with ``β`` rising geometrically from 0.05 to 1
+            (:meth:`pyroflows.infer.fast.FastSVI.temper`); e.g. ``0.5`` with an
+            :class:`~pyroflows.infer.AutoFlowMixture` for multimodal posteriors
+            (docs/multimodal.md). The recorded losses are tempered until then.
         **kwargs: passed to the model and guide.
 
     Returns:
@@ -241,6 +247,10 @@ def fit_svi(
     check_run(eval_every, patience, valid_rows, checkpoint, resume)
     _check_calling_convention(model, guide, data, epochs=epochs, valid=valid, patience=patience)
     _check_fast(fast, compile, data, optimizer)
+    if anneal is not None and not (isinstance(anneal, (int, float)) and 0 < anneal <= 1):
+        raise ValueError(f"anneal: expected a fraction of the steps in (0, 1]; got {anneal!r}")
+    if anneal is not None and (fast is False or data is not None):
+        raise ValueError("anneal: needs the fast path (no data, fast not False)")
     if scheduler not in ("auto", "cosine", None):
         raise ValueError(f"scheduler: expected 'auto', 'cosine' or None; got {scheduler!r}")
     pyro_optim = make_pyro_optimizer(optimizer, TRACED_LR if lr is None else lr)
@@ -273,7 +283,16 @@ def fit_svi(
         loss = default_loss(guide)
     objective = None
     if data is None and fast is not False and hasattr(guide, "_reverse_kl"):
-        objective = fast_loss(model, guide, loss, args, kwargs, required=bool(fast))
+        objective = fast_loss(
+            model, guide, loss, args, kwargs, required=bool(fast) or anneal is not None
+        )
+    if anneal is not None:
+        if objective is None:
+            raise ValueError(
+                f"anneal: needs a guide of the fast path (AutoFlowGuide, AutoFlowMixture); got "
+                f"{type(guide).__name__}"
+            )
+        objective.temper(max(1, round(anneal * total)))
     if objective is None:
         if compile:
             raise ValueError(

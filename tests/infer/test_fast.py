@@ -424,3 +424,32 @@ def test_a_store_holding_another_flow_is_refused_by_name():
     other = AutoFlowGuide(model, flow="realnvp")  # the store not cleared
     with pytest.raises(ValueError, match=r"call pyro.clear_param_store\(\) before building"):
         fit_svi(model, other, steps=2, progress=False)
+
+
+def test_annealing_tempers_the_likelihood_then_trains_on_the_posterior(tmp_path):
+    def model():  # prior N(0, 3²), likelihood N(2 | z, 0.5²)
+        z = pyro.sample("z", dist.Normal(0.0, 3.0))
+        pyro.sample("y", dist.Normal(z, 0.5), obs=torch.tensor(2.0))
+
+    guide = AutoFlowGuide(model, layers=1, hidden=(8,), laplace=False)
+    loss = FastSVI(model, guide, Trace_ELBO(num_particles=8))
+    loss.temper(10)
+    betas = [float(loss.inputs(None)[0]) for _ in range(12)]
+    assert betas[0] == pytest.approx(0.05) and betas[5] == pytest.approx(0.05**0.5)
+    assert betas[9] < 1.0 and betas[10] == betas[11] == 1.0
+    z = torch.randn(6, 1)
+    log_prior, log_lik = loss.potential(z)
+    torch.testing.assert_close(loss.log_p(z, torch.tensor(0.25)), log_prior + 0.25 * log_lik)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoFlowGuide(model, layers=1, hidden=(8,))
+    history = fit_svi(model, guide, steps=400, anneal=0.5, lr=1e-2, progress=False)
+    draws = guide.sample_posterior(4000)["z"]
+    post_var = 1 / (1 / 9 + 4)
+    assert float(draws.mean()) == pytest.approx(post_var * 8, abs=0.05)
+    assert len(history.train_loss) == 400
+    with pytest.raises(ValueError, match="anneal: expected a fraction"):
+        fit_svi(model, guide, steps=4, anneal=2.0)
+    with pytest.raises(ValueError, match="anneal: needs a guide of the fast path"):
+        fit_svi(model, pyro.infer.autoguide.AutoNormal(model), steps=4, anneal=0.5)
