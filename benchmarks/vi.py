@@ -7,8 +7,8 @@
 
 One run prints, per target, one row per guide with the mean ± standard error over seeds of each
 figure, and marks the guides that are best or tied; then a summary and a table of speed ratios.
-The default run (the five synthetic targets, seeds 0, 1, 2, 2000 steps) takes about 20-25 min on
-one CPU thread; ``--targets posteriordb`` about 35-40 min (``--seeds 0,1``: under 30);
+The default run (the five synthetic targets, seeds 0, 1, 2, 2000 steps) takes about 10-13 min on
+one CPU thread; ``--targets posteriordb`` about 25 min (``--seeds 0,1``: about 17);
 ``--quick`` (30 steps, 1000 draws, seed 0, ``mixture2`` and ``garch``, no ``pf-compile``) about
 a minute, mostly JAX compiling.
 
