@@ -160,9 +160,7 @@ class FastSVI(SVILoss):
             raise NotTraceable(f"the guide {type(guide).__name__} has no _reverse_kl method")
         self.objective, self.num_particles = found
         args, kwargs = self.args, self.kwargs
-        if getattr(guide, "prototype_trace", None) is None:
-            guide._setup_prototype(*args, **kwargs)
-        self.potential = Potential(model, guide, args, kwargs)
+        self.potential = Potential(model, guide, args, kwargs)  # (sets the guide up if needed)
         # One run of the guide in a Pyro context: its tensors become the param store's (or the
         # store's become its own, after pyro.get_param_store().load), as SVI would do.
         with torch.no_grad(), poutine.block(), poutine.trace(param_only=True) as params:

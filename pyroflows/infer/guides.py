@@ -157,6 +157,27 @@ def _reference_tensor(values: Sequence[torch.Tensor], args: tuple, kwargs: dict)
     return None
 
 
+def _prototype_location(guide: AutoContinuous, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Set up ``guide``'s prototype (``AutoContinuous``) and return its ``init_loc_fn`` location,
+    shape ``(latent_dim,)``, on the device and dtype of the model's sampled values (or, for
+    improper priors, of its data)."""
+    # Values of sites that cannot be sampled (improper priors) follow the data's device.
+    arg = _reference_tensor((), args, kwargs)
+    guide._arg_device = None if arg is None else arg.device
+    AutoContinuous._setup_prototype(guide, *args, **kwargs)
+    sites = [s["value"] for _, s in guide.prototype_trace.iter_stochastic_nodes()]
+    loc = guide._init_loc()
+    ref = _reference_tensor(sites, args, kwargs)
+    if ref is not None:
+        loc = loc.to(device=ref.device, dtype=torch.promote_types(loc.dtype, ref.dtype))
+    return loc
+
+
+def _full_covariance(covariance: str, dim: int) -> bool:
+    """Whether ``covariance`` (``"full"``, ``"diagonal"``, ``"auto"``) means a full factor."""
+    return covariance == "full" or (covariance == "auto" and dim <= FULL_COVARIANCE_MAX_DIM)
+
+
 # -- flows ----------------------------------------------------------------------------------------
 def _build_flow(
     flow: str | Flow | Callable[[int], Flow],
@@ -403,19 +424,9 @@ class AutoFlowGuide(AutoContinuous):
 
     # -- structure ---------------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs) -> None:
-        # Values of sites that cannot be sampled (improper priors) follow the data's device.
-        arg = _reference_tensor((), args, kwargs)
-        self._arg_device = None if arg is None else arg.device
-        super()._setup_prototype(*args, **kwargs)
-        sites = [s["value"] for _, s in self.prototype_trace.iter_stochastic_nodes()]
-        loc = self._init_loc()
-        ref = _reference_tensor(sites, args, kwargs)
-        if ref is not None:
-            loc = loc.to(device=ref.device, dtype=torch.promote_types(loc.dtype, ref.dtype))
+        loc = _prototype_location(self, args, kwargs)
         dim = self.latent_dim
-        self.full_covariance = self._covariance == "full" or (
-            self._covariance == "auto" and dim <= FULL_COVARIANCE_MAX_DIM
-        )
+        self.full_covariance = _full_covariance(self._covariance, dim)
         # The reference affine (ref_loc, ref_scale): fixed during training (used detached), set
         # by warm_start; parameters, not buffers, so that the param store saves them.
         self.ref_loc = nn.Parameter(loc)

@@ -55,11 +55,11 @@ from ..transforms import MaskedAutoregressive
 from ..transforms.base import has_inverse
 from .guides import (
     COVARIANCES,
-    FULL_COVARIANCE_MAX_DIM,
     AutoFlowGuide,
     _build_flow,
     _check_flow_name,
-    _reference_tensor,
+    _full_covariance,
+    _prototype_location,
     _without_sampling_failures,
 )
 
@@ -440,18 +440,9 @@ class AutoFlowMixture(AutoContinuous):
 
     # -- structure ---------------------------------------------------------------------------------
     def _setup_prototype(self, *args, **kwargs) -> None:
-        arg = _reference_tensor((), args, kwargs)
-        self._arg_device = None if arg is None else arg.device
-        super()._setup_prototype(*args, **kwargs)
-        sites = [s["value"] for _, s in self.prototype_trace.iter_stochastic_nodes()]
-        loc = self._init_loc()
-        ref = _reference_tensor(sites, args, kwargs)
-        if ref is not None:
-            loc = loc.to(device=ref.device, dtype=torch.promote_types(loc.dtype, ref.dtype))
+        loc = _prototype_location(self, args, kwargs)
         dim, k = self.latent_dim, self.components
-        self.full_covariance = self._covariance == "full" or (
-            self._covariance == "auto" and dim <= FULL_COVARIANCE_MAX_DIM
-        )
+        self.full_covariance = _full_covariance(self._covariance, dim)
         offsets = torch.randn(k, dim).to(loc)
         if k > 1:  # centred, and rescaled to unit variance: the components surround m
             offsets = (offsets - offsets.mean(0)) * math.sqrt(k / (k - 1))
