@@ -246,13 +246,7 @@ def fit_svi(
         check_positive("lr", lr)
     check_run(eval_every, patience, valid_rows, checkpoint, resume)
     _check_calling_convention(model, guide, data, epochs=epochs, valid=valid, patience=patience)
-    _check_fast(fast, compile, data, optimizer)
-    if anneal is not None and not (isinstance(anneal, (int, float)) and 0 < anneal <= 1):
-        raise ValueError(f"anneal: expected a fraction of the steps in (0, 1]; got {anneal!r}")
-    if anneal is not None and (fast is False or data is not None):
-        raise ValueError("anneal: needs the fast path (no data, fast not False)")
-    if scheduler not in ("auto", "cosine", None):
-        raise ValueError(f"scheduler: expected 'auto', 'cosine' or None; got {scheduler!r}")
+    _check_fast(fast, compile, data, optimizer, scheduler, anneal)
     pyro_optim = make_pyro_optimizer(optimizer, TRACED_LR if lr is None else lr)
     device = torch.device(device) if device is not None else None
 
@@ -335,7 +329,10 @@ def fit_svi(
     )
 
 
-def _check_fast(fast: Any, compile: Any, data: Any, optimizer: Any) -> None:
+def _check_fast(
+    fast: Any, compile: Any, data: Any, optimizer: Any, scheduler: Any, anneal: Any
+) -> None:
+    """The options of the fast path, against each other and the calling convention."""
     if fast not in (None, True, False):
         raise ValueError(f"fast: expected None (auto), True or False; got {fast!r}")
     if not isinstance(compile, (bool, str)):
@@ -349,6 +346,12 @@ def _check_fast(fast: Any, compile: Any, data: Any, optimizer: Any) -> None:
         raise ValueError("compile: needs the fast path (no data, fast not False)")
     if compile and optimizer != "adam":
         raise ValueError(f"compile: needs optimizer='adam' (a torch optimiser); got {optimizer!r}")
+    if anneal is not None and not (isinstance(anneal, (int, float)) and 0 < anneal <= 1):
+        raise ValueError(f"anneal: expected a fraction of the steps in (0, 1]; got {anneal!r}")
+    if anneal is not None and (fast is False or data is not None):
+        raise ValueError("anneal: needs the fast path (no data, fast not False)")
+    if scheduler not in ("auto", "cosine", None):
+        raise ValueError(f"scheduler: expected 'auto', 'cosine' or None; got {scheduler!r}")
 
 
 NEEDS_DATA = {
