@@ -20,6 +20,7 @@ import torch
 
 from . import __version__
 from .datasets import Toy
+from .engine.distributed import resolve
 from .evaluation import BATCH_SIZE, Evaluation, evaluate
 from .flows import NSF, Flow, LinearFlow
 from .io import save
@@ -230,7 +231,10 @@ def fit_and_report(
         The metrics written to ``metrics.json``: ``train_nll``, ``valid_nll``, ``test_nll``
         (nats per point) with standard errors, ``entropy`` and ``kl_gap`` (``None`` without
         ``truth``), the flow's :attr:`~pyroflows.Flow.config`, the training settings, time and
-        steps per second.
+        steps per second. Under ``torchrun`` (data-parallel training, see ``distributed`` in
+        :func:`pyroflows.fit`) ``distributed`` holds the number of ranks, the backend and the
+        batch size per rank; rank 0 alone evaluates, prints and writes, and the other ranks
+        return the training metrics only.
 
     Example:
         >>> import tempfile, torch, pyroflows as pf
@@ -244,10 +248,14 @@ def fit_and_report(
         (20, ['builder', 'kwargs'])
     """
     folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)  # fail before training, not after
+    device = fit_kwargs.get("device")
+    group = resolve(fit_kwargs.get("distributed"), None if device is None else torch.device(device))
+    main = group is None or group.main  # under torchrun rank 0 alone prints and writes
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)  # fail before training, not after
     sizes = [0 if part is None else len(part) for part in (train, valid, test)]
     dim = int(np.prod(train.shape[1:]))
-    echo = (lambda line: print(line, file=file, flush=True)) if verbose else _silent
+    echo = (lambda line: print(line, file=file, flush=True)) if verbose and main else _silent
     echo(
         f"{command}: {describe(flow)} on {data_name} ({dim}-D): "
         f"{sizes[0]:,} train, {sizes[1]:,} valid, {sizes[2]:,} test"
@@ -279,6 +287,14 @@ def fit_and_report(
         "interrupted": history.interrupted,
         "units": "nats per point",
     }
+    if group is not None:
+        metrics["distributed"] = {
+            "world": group.world,
+            "backend": group.backend,
+            "batch_size_per_rank": metrics["batch_size"],
+        }
+    if not main:
+        return metrics
     known = truth.log_prob if isinstance(truth, Toy) else truth
     for name, part in (("train", train), ("valid", valid), ("test", test)):
         score: Evaluation | None = None

@@ -41,12 +41,14 @@ from .engine import (
     schedule,
     train,
 )
+from .engine.distributed import resolve
 from .engine.sources import (
     VALID_ROWS,
     as_rows,
     check_rows,
     default_eval_every,
     make_generator,
+    shard_of,
     split,
     validation_chunks,
 )
@@ -87,6 +89,7 @@ def fit(
     dequantize: int | None = None,
     valid_rows: int | None = VALID_ROWS,
     divergence: float | None = DIVERGENCE,
+    distributed: bool | None = None,
 ) -> History:
     """Fit a flow to data by maximum likelihood (minibatch Adam on the mean NLL).
 
@@ -150,6 +153,16 @@ def fit(
             so the flow models ``[0, 1]`` images (use one ending in
             :class:`~pyroflows.transforms.ImageSigmoid`); validation data is dequantised once.
             Report the result with :func:`pyroflows.images.bits_per_dim`.
+        distributed: train data-parallel on ``torch.distributed`` (docs: "Scaling out"):
+            ``None`` (default) when a process group of several ranks exists or ``torchrun``
+            launched this process (the group is then joined: NCCL for a CUDA ``device``, gloo
+            otherwise); ``True`` requires one; ``False`` trains this process alone. Every
+            rank passes the same flow (built alike; rank 0's values are broadcast) and the
+            whole ``data``; each takes ``batch_size`` rows of every global batch of ``world *
+            batch_size`` (only full global batches), gradients are averaged by
+            ``DistributedDataParallel``, validation is split across ranks, and rank 0 alone
+            writes the checkpoint and shows progress. ``device="cuda"`` means each rank's
+            own GPU (``LOCAL_RANK``). With ``seed``, rank ``r`` seeds torch with ``seed + r``.
 
     Returns:
         A :class:`History`.
@@ -186,21 +199,25 @@ def fit(
     params = list(flow.parameters())
     dtype = params[0].dtype if params else torch.get_default_dtype()
     rows = _flow_rows(flow, "data", data, "context", context, dtype)
+    device = torch.device(device) if device is not None else (params[0].device if params else None)
+    group = resolve(distributed, device)
+    if group is not None and group.device is not None:
+        device = group.device
     if seed is not None:
-        torch.manual_seed(seed)
-    generator = make_generator(seed, checkpoint)
+        torch.manual_seed(seed + (group.rank if group is not None else 0))
+    generator = make_generator(seed, checkpoint, group)
     train_rows, valid_set = split(rows, valid, generator)
     if valid_set is not None and valid_set is valid:
         valid_set = _flow_rows(flow, "valid", valid, "valid_context", valid_context, dtype)
     prepare, valid_set = _dequantization(dequantize, train_rows, valid_set, generator, dtype)
 
-    device = torch.device(device) if device is not None else (params[0].device if params else None)
     flow.to(device)
     loss = NegativeLogLikelihood(flow)
-    source = Batches(train_rows, batch_size, generator, device, bool(compile), prepare)
+    shard = shard_of(group)
+    source = Batches(train_rows, batch_size, generator, device, bool(compile), prepare, shard)
     total = epochs * source.steps_per_epoch if epochs is not None else (steps or DEFAULT_STEPS)
     opt = make_optimizer(optimizer, loss.parameters(), lr, weight_decay)
-    chunks = validation_chunks(valid_set, valid_rows, EVAL_BATCH, device)
+    chunks = validation_chunks(valid_set, valid_rows, EVAL_BATCH, device, shard)
     folder = None if checkpoint is None else Path(checkpoint)
     settings = dict(batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed)
     settings.update(weight_decay=weight_decay, scheduler=scheduler, warmup=warmup)
@@ -213,7 +230,7 @@ def fit(
         name="fit",
         schedule=schedule(opt, total, cosine=scheduler == "cosine", warmup=warmup),
         valid=chunks,
-        eval_every=eval_every or default_eval_every(total, chunks, batch_size),
+        eval_every=eval_every or default_eval_every(total, chunks, batch_size * shard[1]),
         patience=patience,
         callback=callback,
         progress=progress,
@@ -223,6 +240,7 @@ def fit(
         if folder is None or not can_save(flow)
         else lambda: save(flow, folder / "model"),
         divergence=divergence,
+        distributed=group,
     )
 
 

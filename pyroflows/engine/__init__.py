@@ -17,6 +17,9 @@ source**, and runs :func:`train`. The pieces, one concept per module:
   :class:`Chunks`: validation data; :class:`NoData`) and the checks data pass first.
 * :mod:`~pyroflows.engine.checkpoint`: one checkpoint format with one version number
   (:class:`Checkpoint`), refused with :class:`CheckpointError` when unusable.
+* :mod:`~pyroflows.engine.distributed`: data-parallel training on ``torch.distributed``
+  (:class:`Distributed`: sharded epochs, DistributedDataParallel, reduced losses and
+  validation, rank-0 files), used by every front-end under ``torchrun``.
 * :mod:`~pyroflows.engine.loop`: the loop itself (:func:`train`): steps, the divergence guard,
   validation with early stopping and the best state, checkpoints and resuming, progress and
   callbacks; and what it returns (:class:`History`, :class:`TrainingDiverged`).
@@ -39,6 +42,7 @@ Example:
 """
 
 from .checkpoint import Checkpoint, CheckpointError, name_of
+from .distributed import Distributed, DistributedError
 from .loop import DIVERGENCE, SYNC_EVERY, History, TrainingDiverged, train
 from .losses import Loss, NegativeLogLikelihood, ReverseKL, SVILoss
 from .optim import PyroOptimizer, make_optimizer, make_pyro_optimizer, schedule
@@ -53,6 +57,8 @@ __all__ = [
     "Checkpoint",
     "CheckpointError",
     "Chunks",
+    "Distributed",
+    "DistributedError",
     "History",
     "Loss",
     "NegativeLogLikelihood",

@@ -17,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, CheckpointError, rng_state, set_rng_state
-from .sources import Batch, default_eval_every
+from .distributed import Distributed, DistributedError, structure
+from .sources import Batch, default_eval_every, describe
 from .step import Step
 
 __all__ = ["DIVERGENCE", "SYNC_EVERY", "History", "TrainingDiverged", "train"]
@@ -138,10 +139,13 @@ class _Run:
     def flush(self, pending: list, step: int, t0: float) -> None:
         if not pending:
             return
-        values = [
-            float(v)
-            for v in (torch.stack(pending).tolist() if torch.is_tensor(pending[0]) else pending)
-        ]
+        if torch.is_tensor(pending[0]):
+            stacked = torch.stack(pending)
+            if self.distributed is not None:  # every rank decides on the same numbers
+                stacked = self.distributed.mean(stacked)
+            values = [float(v) for v in stacked.tolist()]
+        else:
+            values = [float(v) for v in pending]
         first = step - len(values)
         pending.clear()
         guard = self.guard
@@ -189,6 +193,8 @@ class _Run:
                 t, w = self.loss.validation(batch)
                 total += float(t)
                 weight += w
+        if self.distributed is not None:  # each rank validated its own shard
+            total, weight = self.distributed.total([total, weight])
         value = total / weight
         history = self.history
         history.valid_steps.append(step)
@@ -205,6 +211,14 @@ class _Run:
     def save(self) -> None:
         if self.checkpoint is None:
             return
+        distributed = self.distributed
+        ranks = None
+        if distributed is not None:
+            # Every rank's random state (rank 0 writes them all); not after Ctrl-C, which may
+            # have reached one rank only.
+            ranks = None if self.history.interrupted else distributed.gather(rng_state())
+            if not distributed.main:
+                return
         schedule = self.schedule
         self.checkpoint.save(
             {
@@ -213,6 +227,7 @@ class _Run:
                 "scheduler": None if schedule is None else schedule.state_dict(),
                 "source": self.source.state_dict(),
                 "rng": rng_state(),
+                "rng_ranks": ranks,
                 "history": asdict(self.history),
                 "best": _cpu(self.best),
                 "since_best": self.since_best,
@@ -224,15 +239,34 @@ class _Run:
 
     def load(self) -> dict[str, Any] | None:
         checkpoint = self.checkpoint
-        if not (self.resume and checkpoint is not None and checkpoint.exists()):
+        found = self.resume and checkpoint is not None and checkpoint.exists()
+        distributed = self.distributed
+        if distributed is not None:
+            flags = distributed.gather(bool(found))
+            if any(flags) and not all(flags):
+                raise DistributedError(
+                    f"resume: the checkpoint in {checkpoint.folder} is on ranks "
+                    f"{[r for r, f in enumerate(flags) if f]} but not on ranks "
+                    f"{[r for r, f in enumerate(flags) if not f]}; every rank reads it, so "
+                    "keep it in a folder all ranks share (a shared file system across nodes)"
+                )
+        if not found:
             return None
-        state = checkpoint.load()
-        done = state["history"]["steps"]
-        if done >= self.total:
-            raise CheckpointError(
-                f"resume: the checkpoint in {checkpoint.folder} has already run {done} of "
-                f"{self.total} steps"
-            )
+        state, error = None, None
+        try:
+            state = checkpoint.load()
+            done = state["history"]["steps"]
+            if done >= self.total:
+                raise CheckpointError(
+                    f"resume: the checkpoint in {checkpoint.folder} has already run {done} of "
+                    f"{self.total} steps"
+                )
+        except CheckpointError as err:
+            error = str(err)
+        if distributed is not None:  # refused on one rank: refused on all
+            error = next((e for e in distributed.gather(error) if e is not None), None)
+        if error is not None:
+            raise CheckpointError(error)
         return state
 
     def apply(self, state: dict[str, Any]) -> float | None:
@@ -241,24 +275,74 @@ class _Run:
         if self.schedule is not None and state["scheduler"] is not None:
             self.schedule.load_state_dict(state["scheduler"])
         self.source.load_state_dict(state["source"])
-        set_rng_state(state["rng"])
+        self._set_rng(state)
         self.history = History(**state["history"])
         self.history.seconds = 0.0
         self.history.first_step = self.history.steps
         self.best, self.since_best = state["best"], state["since_best"]
         return state["reference"]
 
+    def _set_rng(self, state: dict[str, Any]) -> None:
+        distributed, ranks = self.distributed, state.get("rng_ranks")
+        if distributed is None or distributed.rank == 0:
+            set_rng_state(state["rng"])
+        elif ranks is not None and distributed.rank < len(ranks):
+            set_rng_state(ranks[distributed.rank])
+        else:  # resumed on more ranks than saved (or after Ctrl-C): a stream of its own
+            set_rng_state(state["rng"])
+            seed = (state["history"]["steps"] * 1_000_003 + distributed.rank) % 2**63
+            _seed_everything(seed)
+
+    # -- data-parallel set-up ---------------------------------------------------------------------
+    def check_ranks(self) -> None:
+        """Refuse, on every rank, ranks that train different models or data."""
+        distributed = self.distributed
+        advice = "Build the model the same way on every rank."
+        distributed.agree("the model", self.loss.fingerprint(), advice)
+        described = describe(getattr(self.source, "rows", None))
+        distributed.agree(
+            "the training data",
+            None
+            if described is None
+            else [
+                f"{t['shape'][0]} rows of shape {tuple(t['shape'][1:])} ({t['dtype']}, digest "
+                f"{t['digest']})"
+                for t in described["tensors"]
+            ],
+            "Every rank must load the same whole data set (each trains on its own shard).",
+        )
+
+    def share_state(self) -> None:
+        """Rank 0's parameters and buffers on every rank, then DDP (after initialisation)."""
+        distributed = self.distributed
+        tensors = self.loss.tensors()
+        distributed.agree(
+            "the model's parameters",
+            structure(tensors),
+            "Build the model the same way on every rank (the same sizes and options).",
+        )
+        distributed.broadcast(tensors.values())
+        self.step.distribute(distributed)
+
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> History:
+        if self.distributed is not None:
+            self.check_ranks()
         state = self.load()  # refuses an unusable checkpoint before anything changes
         self.loss.setup(self.source, fresh=state is None)
         reference = self.apply(state) if state is not None else None
+        if self.distributed is not None:
+            self.share_state()
         history = self.history
         start = history.steps
         self.guard = _Guard(self.loss.parameters(), reference, start)
         pending: list = []
         bar = tqdm(
-            total=self.total, initial=start, disable=not self.progress, unit="step", desc=self.name
+            total=self.total,
+            initial=start,
+            disable=not self.progress or not (self.distributed is None or self.distributed.main),
+            unit="step",
+            desc=self.name,
         )
         t0 = time.perf_counter()
         step = window = start
@@ -288,7 +372,7 @@ class _Run:
                         postfix["valid"] = f"{history.valid_nll[-1]:.4g}"
                     bar.set_postfix(postfix, refresh=False)
                     self.save()
-                    if self.callback is not None and self.callback(step, history):
+                    if self.callback is not None and self._stop(self.callback(step, history)):
                         break
                     if stop:
                         history.stopped_early = True
@@ -305,6 +389,16 @@ class _Run:
         if history.interrupted or history.stopped_early:
             self.save()
         return history
+
+    def _stop(self, request: Any) -> bool:
+        """A callback's request to stop (on any rank, under a process group)."""
+        return self.distributed.any(bool(request)) if self.distributed else bool(request)
+
+
+def _seed_everything(seed: int) -> None:
+    import pyro
+
+    pyro.set_rng_seed(seed % 2**32)
 
 
 def _sync_every(step: Step) -> int:
@@ -329,6 +423,7 @@ def train(
     on_save: Callable[[], None] | None = None,
     divergence: float | None = DIVERGENCE,
     sync_every: int | None = None,
+    distributed: Distributed | None = None,
 ) -> History:
     """Run ``steps`` optimiser steps of ``step`` on batches from ``source``; the one training loop.
 
@@ -376,6 +471,12 @@ def train(
         divergence: the factor of the divergence test (``None``: only NaN/inf count).
         sync_every: steps between reads of the losses (default: every step on a CPU,
             :data:`SYNC_EVERY` on a GPU).
+        distributed: a :class:`~pyroflows.engine.distributed.Distributed` to train
+            data-parallel (``source`` then holds this rank's shard; see
+            :mod:`pyroflows.engine.distributed`): the ranks' models and data are checked to
+            agree, rank 0's initialised state is broadcast, ``step`` is distributed, losses and
+            validation totals are reduced across ranks, and rank 0 alone writes checkpoints and
+            shows progress. ``None``: one process.
 
     Returns:
         The :class:`History`.
@@ -406,5 +507,6 @@ def train(
         "on_save": on_save,
         "divergence": divergence,
         "sync_every": sync_every or _sync_every(step),
+        "distributed": distributed,
     }
     return _Run(step, source, steps, settings).run()

@@ -60,7 +60,10 @@ class Loss:
     * :meth:`state_dict`/:meth:`load_state_dict` (what a checkpoint holds, on the CPU) and
       :meth:`snapshot`/:meth:`restore` (the best state, kept on the device);
     * :meth:`setup`: work before the first step, e.g. data-dependent initialisation;
-    * :meth:`fingerprint`: plain data that must be the same to resume a checkpoint.
+    * :meth:`fingerprint`: plain data that must be the same to resume a checkpoint;
+    * :meth:`tensors`: the live state by name (what data-parallel training checks and
+      broadcasts from rank 0), and :attr:`module`, the ``nn.Module`` computing the loss when
+      there is one (data-parallel training wraps it in ``DistributedDataParallel``).
 
     Class attributes name it in messages: ``label`` (the progress bar's), ``what`` (what is
     restored when training diverges) and ``advice`` (what to try then).
@@ -69,6 +72,8 @@ class Loss:
     label = "loss"
     what = "the parameters"
     advice = "Try a lower lr or gradient clipping (clip_grad)."
+    #: the module whose parameters the loss trains, when one module holds them all
+    module: nn.Module | None = None
 
     def parameters(self) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -106,6 +111,9 @@ class Loss:
     def fingerprint(self) -> dict[str, Any]:
         return {}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
 
 class _FlowLoss(Loss):
     """A loss whose parameters are a flow's (its ``state_dict`` is the state)."""
@@ -113,7 +121,7 @@ class _FlowLoss(Loss):
     what = "the flow"
 
     def __init__(self, flow: nn.Module) -> None:
-        self.flow = flow
+        self.flow = self.module = flow
         # Listed once: the step clips over them and the guard checks them every step.
         self._params = [p for p in flow.parameters() if p.requires_grad]
 
@@ -131,6 +139,9 @@ class _FlowLoss(Loss):
 
     def restore(self, snapshot: dict[str, torch.Tensor]) -> None:
         self.flow.load_state_dict(snapshot)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.flow.state_dict(keep_vars=True)
 
 
 class NegativeLogLikelihood(_FlowLoss):
@@ -358,7 +369,8 @@ class SVILoss(Loss):
     def backward(self, batch: Batch | None) -> torch.Tensor:
         args, kwargs = self._call_args(batch)
         value = self.elbo.loss_and_grads(self.model, self.guide, *args, **kwargs)
-        return torch.tensor(float(value) / (1 if batch is None else batch.size))
+        per_row = float(value) / (1 if batch is None else batch.size)
+        return torch.tensor(per_row, dtype=torch.float64)  # averaged over ranks in float64
 
     def validation(self, batch: Batch) -> tuple[float, float]:
         # Each chunk's loss estimates the whole validation set's: average them by chunk size.
@@ -394,6 +406,9 @@ class SVILoss(Loss):
             for name, value in snapshot.items():
                 if name in live:
                     live[name].copy_(value)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.store.named_parameters())
 
     def fingerprint(self) -> dict[str, Any]:
         tensors = [a for a in (*self.args, *self.kwargs.values()) if torch.is_tensor(a)]

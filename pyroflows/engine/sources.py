@@ -33,6 +33,7 @@ __all__ = [
     "default_eval_every",
     "describe",
     "make_generator",
+    "shard_of",
     "split",
     "validation_chunks",
 ]
@@ -177,6 +178,14 @@ class Batches:
     rows left over are skipped in that epoch, a different few each epoch), so that one compiled
     graph serves the run.
 
+    **Shards.** With ``shard=(rank, world)`` (data-parallel training, see
+    :mod:`pyroflows.engine.distributed`) every rank holds the same data and a generator seeded
+    alike; step ``s`` takes global batch ``s`` of ``world * batch_size`` rows of the shared
+    permutation and this rank its ``rank``-th slice of ``batch_size`` rows. Only full global
+    batches are taken (as with ``drop_last``), so ranks never overlap in an epoch and two ranks
+    with ``batch_size`` b see, together, the batches of one process with ``2 b``. :meth:`first`
+    (the rows of data-dependent initialisation) is the same on every rank.
+
     Args:
         rows: the data tensors, ``N`` rows each.
         batch_size: rows per step.
@@ -185,6 +194,10 @@ class Batches:
             :data:`DEVICE_DATA_BYTES` move there once; larger data move batch by batch.
         drop_last: take full batches only (when ``N >= batch_size``).
         transform: applied to the first tensor of every batch (e.g. dequantisation).
+        shard: ``(rank, world)`` of a data-parallel run; ``(0, 1)`` on one process.
+
+    Raises:
+        ValueError: with shards, for data with fewer rows than one global batch.
     """
 
     def __init__(
@@ -195,6 +208,7 @@ class Batches:
         device: torch.device | None = None,
         drop_last: bool = False,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.rows = _place(rows, device)
         self.size = len(rows[0])
@@ -202,10 +216,15 @@ class Batches:
         self.generator = generator
         self.device = device
         self.transform = transform
-        full = drop_last and self.size >= batch_size
-        self.steps_per_epoch = (
-            self.size // batch_size if full else math.ceil(self.size / batch_size)
-        )
+        self.rank, self.world = shard
+        span = batch_size * self.world  # rows of one global batch
+        if self.world > 1 and self.size < span:
+            raise ValueError(
+                f"batch_size: {self.world} ranks with batch_size={batch_size} take {span} rows "
+                f"per step, more than the {self.size} rows of training data; lower batch_size"
+            )
+        full = (drop_last or self.world > 1) and self.size >= span
+        self.steps_per_epoch = self.size // span if full else math.ceil(self.size / span)
         self.order = torch.randperm(self.size, generator=generator)
 
     def batch(self, step: int) -> Batch:
@@ -213,7 +232,8 @@ class Batches:
         position = step % self.steps_per_epoch
         if position == 0 and step > 0:
             self.order = torch.randperm(self.size, generator=self.generator)
-        index = self.order[position * self.batch_size : (position + 1) * self.batch_size]
+        begin = (position * self.world + self.rank) * self.batch_size
+        index = self.order[begin : begin + self.batch_size]
         rows = tuple(self._to_device(t[index.to(t.device)]) for t in self.rows)
         if self.transform is not None:
             rows = (self.transform(rows[0]), *rows[1:])
@@ -238,20 +258,32 @@ class Batches:
 
 
 class Chunks:
-    """A validation set in consecutive chunks of ``chunk_size`` rows (on the device)."""
+    """A validation set in consecutive chunks of ``chunk_size`` rows (on the device).
+
+    With ``shard=(rank, world)`` this rank iterates over its share only: the consecutive
+    ``world``-th part of the rows that starts at ``rank * size // world``; every
+    :class:`Batch` keeps the rows' indices in the whole set and the whole set's ``size``.
+    """
 
     def __init__(
-        self, rows: tuple[torch.Tensor, ...], chunk_size: int, device: torch.device | None = None
+        self,
+        rows: tuple[torch.Tensor, ...],
+        chunk_size: int,
+        device: torch.device | None = None,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
-        self.rows = _place(rows, device)
         self.size = len(rows[0])
+        rank, world = shard
+        self.begin, self.end = rank * self.size // world, (rank + 1) * self.size // world
+        self.rows = _place(tuple(t[self.begin : self.end] for t in rows), device)
         self.chunk_size = chunk_size
         self.device = device
 
     def __iter__(self) -> Iterator[Batch]:
-        for begin in range(0, self.size, self.chunk_size):
-            index = torch.arange(begin, min(begin + self.chunk_size, self.size))
-            rows = tuple(t[begin : begin + self.chunk_size] for t in self.rows)
+        for start in range(0, self.end - self.begin, self.chunk_size):
+            begin = self.begin + start
+            index = torch.arange(begin, min(begin + self.chunk_size, self.end))
+            rows = tuple(t[start : start + self.chunk_size] for t in self.rows)
             if self.device is not None:
                 rows = tuple(t.to(self.device, non_blocking=True) for t in rows)
                 index = index.to(self.device)
@@ -273,13 +305,23 @@ class NoData:
         pass
 
 
-def make_generator(seed: int | None, checkpoint: Any = None) -> torch.Generator:
+def make_generator(
+    seed: int | None, checkpoint: Any = None, distributed: Any = None
+) -> torch.Generator:
     """The generator of a run's split and minibatches: seeded with ``seed``; without one, seed 0
     when the run has a checkpoint (so that a resumed run splits its data the same way), else a
-    seed drawn from torch's global generator."""
+    seed drawn from torch's global generator (rank 0's under a process group: every rank
+    splits and shuffles alike and takes its own shard)."""
     if seed is None:
         seed = 0 if checkpoint is not None else int(torch.randint(2**62, ()).item())
+        if distributed is not None:
+            seed = distributed.shared(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def shard_of(distributed: Any) -> tuple[int, int]:
+    """``(rank, world)`` of a run (``(0, 1)`` on one process)."""
+    return (0, 1) if distributed is None else (distributed.rank, distributed.world)
 
 
 def validation_chunks(
@@ -287,17 +329,19 @@ def validation_chunks(
     max_rows: int | None,
     chunk_size: int,
     device: torch.device | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Chunks | None:
     """The validation set in chunks, at most ``max_rows`` rows of it (evenly spaced, so that
     every part of an ordered validation set is represented; a held-out fraction is shuffled
-    already). ``None`` for no validation."""
+    already); this rank's share of them with ``shard`` (see :class:`Chunks`). ``None`` for no
+    validation."""
     if rows is None:
         return None
     n = len(rows[0])
     if max_rows is not None and n > max_rows:
         index = torch.linspace(0, n - 1, max_rows).round().long()
         rows = tuple(t[index] for t in rows)
-    return Chunks(rows, chunk_size, device)
+    return Chunks(rows, chunk_size, device, shard)
 
 
 def default_eval_every(total: int, valid: Chunks | None, batch_size: int) -> int:

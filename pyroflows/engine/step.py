@@ -8,11 +8,25 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from .losses import Loss, NegativeLogLikelihood
 from .optim import PyroOptimizer, make_optimizer
 
 __all__ = ["Step", "TrainStep"]
+
+
+class _LossModule(nn.Module):
+    """A loss as a module over its model's parameters, so that
+    ``DistributedDataParallel`` can wrap it (its forward is the loss)."""
+
+    def __init__(self, loss: Loss, module: nn.Module) -> None:
+        super().__init__()
+        self.model = module
+        self.__dict__["loss"] = loss  # not a submodule: the loss is not an nn.Module
+
+    def forward(self, *inputs: Any) -> torch.Tensor:
+        return self.loss(*inputs)
 
 
 class Step:
@@ -37,6 +51,14 @@ class Step:
     such as :class:`~pyroflows.transforms.ActNorm`'s happens outside any graph; compiling takes
     seconds to a minute. Compiling needs a loss computed by torch alone (not a Pyro ELBO, which
     computes its gradients itself).
+
+    **Data-parallel steps.** :func:`~pyroflows.engine.train` calls :meth:`distribute` under a
+    process group (:mod:`pyroflows.engine.distributed`): a loss over a module
+    (:attr:`Loss.module`, e.g. a flow's NLL) then runs through ``DistributedDataParallel``, and
+    the gradients of any other loss (a Pyro ELBO's, on the param store) are averaged across
+    ranks after its backward pass; clipping and the optimiser then see the averaged gradient
+    on every rank. Compiled steps compile through the DDP module (torch's compiled DDP); no
+    CUDA graph is recorded under a process group.
 
     Args:
         loss: the :class:`~pyroflows.engine.Loss`.
@@ -86,8 +108,22 @@ class Step:
         self._compiled: Callable | None = None
         self._capture: bool | None = None  # decided on the first call, from the device
         self._graph: tuple | None = None  # (graph, static inputs, static loss)
+        self.distributed: Any = None  # a Distributed once distribute() is called
+        self._ddp: nn.Module | None = None
+
+    def distribute(self, distributed: Any) -> None:
+        """Train data-parallel on ``distributed`` (a
+        :class:`~pyroflows.engine.distributed.Distributed`) from the next step on: call it after
+        data-dependent initialisation, with the parameters already equal on every rank."""
+        self.distributed = distributed
+        self._capture = False  # collectives are not recorded in CUDA graphs here
+        module = self.loss.module
+        if module is not None and type(self.loss).backward is Loss.backward:
+            self._ddp = distributed.wrap(_LossModule(self.loss, module))
 
     def _forward(self, *inputs: Any) -> torch.Tensor:
+        if self._ddp is not None:
+            return self._ddp(*inputs)
         return self.loss(*inputs)
 
     def _loss_fn(self) -> Callable:
@@ -113,8 +149,14 @@ class Step:
             loss = self._loss_fn()(*inputs)
             loss.backward()
             loss = loss.detach()
+        elif self._ddp is not None:
+            loss = self._ddp(*inputs)
+            loss.backward()
+            loss = loss.detach()
         else:
             loss = self.loss.backward(*inputs)
+        if self.distributed is not None and self._ddp is None:
+            self.distributed.average_gradients(self.loss.parameters())
         self._update()
         return loss
 

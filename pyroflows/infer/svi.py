@@ -40,11 +40,13 @@ from ..engine import (
     schedule,
     train,
 )
+from ..engine.distributed import resolve
 from ..engine.sources import (
     VALID_ROWS,
     as_rows,
     default_eval_every,
     make_generator,
+    shard_of,
     split,
     validation_chunks,
 )
@@ -103,6 +105,7 @@ def fit_svi(
     compile: bool | str = False,
     scheduler: str | None = "auto",
     anneal: float | None = None,
+    distributed: bool | None = None,
     **kwargs: Any,
 ) -> History:
     """Train a guide (and the model's parameters) by stochastic variational inference.
@@ -211,6 +214,18 @@ def fit_svi(
             (:meth:`pyroflows.infer.fast.FastSVI.temper`); e.g. ``0.5`` with an
             :class:`~pyroflows.infer.AutoFlowMixture` for multimodal posteriors
             (docs/multimodal.md). The recorded losses are tempered until then.
+        distributed: train data-parallel on ``torch.distributed`` (docs: "Scaling out"):
+            ``None`` (default) when a process group of several ranks exists or ``torchrun``
+            launched this process; ``True`` requires one; ``False`` trains this process
+            alone. With ``data``, every rank passes the whole data set and takes its own
+            ``batch_size`` rows of every global batch (``size`` stays ``N`` and ``subsample``
+            holds the rows' indices in the data set, so each rank's loss is an unbiased
+            estimate on all ``N`` rows and global latents count once); without ``data``,
+            each rank draws its own particles. The gradients of the param store are averaged
+            across ranks after every backward pass (one ``all_reduce`` per dtype), rank 0's
+            initial parameters are broadcast to all, validation is split across ranks, and
+            rank 0 alone writes the checkpoint and shows progress. With ``seed``, rank ``r``
+            seeds Pyro with ``seed + r`` (ranks draw different noise).
         **kwargs: passed to the model and guide.
 
     Returns:
@@ -249,10 +264,14 @@ def fit_svi(
     _check_fast(fast, compile, data, optimizer, scheduler, anneal)
     pyro_optim = make_pyro_optimizer(optimizer, TRACED_LR if lr is None else lr)
     device = torch.device(device) if device is not None else None
+    group = resolve(distributed, device)
+    if group is not None and group.device is not None:
+        device = group.device
+    shard = shard_of(group)
 
     if seed is not None:
-        pyro.set_rng_seed(seed)
-    generator = make_generator(seed, checkpoint)
+        pyro.set_rng_seed(seed + shard[0])
+    generator = make_generator(seed, checkpoint, group)
     source, chunks, rows, valid_set = NoData(), None, None, None
     if data is not None:
         rows = as_rows("data", data)
@@ -264,8 +283,8 @@ def fit_svi(
                     f"valid: expected the structure of data ({len(rows)} tensors); "
                     f"got {len(valid_set)}"
                 )
-        source = Batches(train_rows, batch_size, generator, device)
-        chunks = validation_chunks(valid_set, valid_rows, batch_size, device)
+        source = Batches(train_rows, batch_size, generator, device, shard=shard)
+        chunks = validation_chunks(valid_set, valid_rows, batch_size, device, shard)
     else:
         args = tuple(_to(a, device) for a in args)
         kwargs = {k: _to(v, device) for k, v in kwargs.items()}
@@ -319,13 +338,14 @@ def fit_svi(
         name="fit_svi",
         schedule=schedule(opt, total) if cosine else None,
         valid=chunks,
-        eval_every=eval_every or default_eval_every(total, chunks, batch_size),
+        eval_every=eval_every or default_eval_every(total, chunks, batch_size * shard[1]),
         patience=patience,
         callback=callback,
         progress=progress,
         checkpoint=saved,
         resume=resume,
         divergence=divergence,
+        distributed=group,
     )
 
 
