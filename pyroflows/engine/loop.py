@@ -31,8 +31,9 @@ DIVERGENCE = 1e4
 #: Monte Carlo loss of a wide variational start can be 1e10 at one step and 1e3 at the next
 #: (a guide's draw in the far tail), and Adam's steps stay bounded; a NaN stops at once.
 FAR_STEPS = 3
-#: Steps between reads of the loss on a GPU by default (each read waits for the device, which
-#: would otherwise run ahead of Python); on a CPU every step's loss is read at once.
+#: Steps between reads of the loss on a GPU or under a process group by default (each read
+#: waits for the device, which would otherwise run ahead of Python, or for the other ranks); on
+#: a CPU every step's loss is read at once.
 SYNC_EVERY = 25
 
 
@@ -470,7 +471,8 @@ def train(
         on_save: called after each checkpoint write (e.g. to save the model beside it).
         divergence: the factor of the divergence test (``None``: only NaN/inf count).
         sync_every: steps between reads of the losses (default: every step on a CPU,
-            :data:`SYNC_EVERY` on a GPU).
+            :data:`SYNC_EVERY` on a GPU or under a process group, where reading them means
+            averaging them across ranks).
         distributed: a :class:`~pyroflows.engine.distributed.Distributed` to train
             data-parallel (``source`` then holds this rank's shard; see
             :mod:`pyroflows.engine.distributed`): the ranks' models and data are checked to
@@ -506,7 +508,7 @@ def train(
         "resume": resume,
         "on_save": on_save,
         "divergence": divergence,
-        "sync_every": sync_every or _sync_every(step),
+        "sync_every": sync_every or (SYNC_EVERY if distributed else _sync_every(step)),
         "distributed": distributed,
     }
     return _Run(step, source, steps, settings).run()
