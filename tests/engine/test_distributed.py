@@ -7,6 +7,8 @@ single-process references run in the test process itself (which has no process g
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -89,8 +91,14 @@ FIT = dict(steps=40, lr=3e-2, seed=3, valid=0.25, eval_every=4, patience=2, prog
 def fit_worker(rank: int, folder: str, checkpoint: bool = True) -> dict:
     flow = _flow(seed=rank)
     own = Path(folder) / f"checkpoint-{rank}" if checkpoint else None  # only rank 0 writes
-    history = pf.fit(flow, _data(), batch_size=30, checkpoint=own, **FIT)
-    return {"state": _floats(flow.state_dict()), "history": asdict(history)}
+    shown = io.StringIO()
+    with contextlib.redirect_stderr(shown):  # the progress bar: rank 0's only
+        history = pf.fit(flow, _data(), batch_size=30, checkpoint=own, **{**FIT, "progress": True})
+    return {
+        "state": _floats(flow.state_dict()),
+        "history": asdict(history),
+        "progress": shown.getvalue(),
+    }
 
 
 def test_fit_two_ranks_take_the_steps_of_one_process_with_twice_the_batch(tmp_path):
@@ -107,6 +115,7 @@ def test_fit_two_ranks_take_the_steps_of_one_process_with_twice_the_batch(tmp_pa
         for key in ("valid_steps", "best_step", "steps", "stopped_early"):
             assert result["history"][key] == reference[key]
     assert reference["stopped_early"] and reference["best_step"] < reference["steps"]
+    assert "fit" in ranks[0]["progress"] and ranks[1]["progress"] == ""
     assert (tmp_path / "checkpoint-0" / "state.pt").is_file()
     assert (tmp_path / "checkpoint-0" / "model").is_dir()
     assert not (tmp_path / "checkpoint-1").exists()
