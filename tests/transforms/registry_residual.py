@@ -1,0 +1,5 @@
+"""Generic-harness rows (see registry.py) for the residual transforms; merged into registry.CASES."""
+
+from __future__ import annotations
+
+CASES: dict = {}
