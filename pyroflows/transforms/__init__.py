@@ -22,6 +22,7 @@ from .image import (
     Squeeze,
     image_mask,
 )
+from .inverted import Inverted
 from .linear import LULinear, Permutation, QRLinear, Reverse
 from .maps import Additive, Affine, ElementwiseMap
 from .multiscale import FactorOut, Squeezed
@@ -52,6 +53,7 @@ __all__ = [
     "ImageCoupling",
     "ImageSigmoid",
     "InvConv1x1",
+    "Inverted",
     "LULinear",
     "LeakyReLU",
     "Logit",

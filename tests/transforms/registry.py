@@ -36,6 +36,7 @@ from pyroflows.transforms import (
     ImageCoupling,
     ImageSigmoid,
     InvConv1x1,
+    Inverted,
     LeakyReLU,
     Logit,
     LULinear,
@@ -111,6 +112,10 @@ CASES: dict[str, Case] = {
     "QRLinear": Case(lambda: QRLinear(D), identity=True),
     "Permutation": Case(lambda: Permutation(D)),
     "Reverse": Case(lambda: Reverse(D)),
+    "Inverted-MAF": Case(lambda: Inverted(MaskedAffineAutoregressive(D, hidden=H)), identity=True),
+    "Inverted-SplineCoupling-context": Case(
+        lambda: Inverted(SplineCoupling(D, hidden=H, bins=5, context_dim=3)), context_dim=3
+    ),
     # Couplings and autoregressive layers: zero-initialised conditioners, the identity at first.
     "AdditiveCoupling-half": Case(lambda: AdditiveCoupling(D, hidden=H), identity=True),
     "AdditiveCoupling-alternate": Case(
