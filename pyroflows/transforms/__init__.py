@@ -26,6 +26,7 @@ from .inverted import Inverted
 from .linear import LULinear, Permutation, QRLinear, Reverse
 from .maps import Additive, Affine, ElementwiseMap
 from .multiscale import FactorOut, Squeezed
+from .solvers import InverseNotConverged
 from .splines import (
     RationalLinearSpline,
     RationalQuadraticSpline,
@@ -53,6 +54,7 @@ __all__ = [
     "ImageCoupling",
     "ImageSigmoid",
     "InvConv1x1",
+    "InverseNotConverged",
     "Inverted",
     "LULinear",
     "LeakyReLU",
