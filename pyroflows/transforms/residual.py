@@ -34,7 +34,7 @@ from .solvers import MAX_ITERATIONS, TOLERANCE, fixed_point_inverse
 
 __all__ = ["EXACT_LOG_DET_MAX_DIM", "Residual"]
 
-#: ``logdet="auto"`` computes log|det J| exactly up to this dimension, by the estimator above.
+#: ``logdet="auto"`` computes log|det J| exactly up to this dimension, by the estimator above it.
 EXACT_LOG_DET_MAX_DIM = 16
 _LOG_DETS = ("auto", "exact", "roulette")
 _ACTIVATIONS = ("lipswish", "elu")
@@ -124,31 +124,34 @@ class Residual(FlowTransform):
     * inverse: the fixed point of ``x = y - g(x, c)`` by Banach iterations from ``x = y``
       (:func:`~pyroflows.transforms.solvers.fixed_point_inverse`), until an iteration moves
       ``x`` by at most ``tol`` (default ``TOLERANCE``: 1e-10 in float64, 1e-5 in float32,
-      relative above 1); the error is then at most ``tol · L / (1 - L)`` with ``L = Lip(g)``.
-      It costs about ``log(tol) / log(L)`` network passes (a few tens for a typical ``L``;
-      ``max_iter`` bounds them, then :class:`~pyroflows.transforms.InverseNotConverged`),
-      plus log|det J| at the solution. Gradients by the implicit function theorem.
+      times the batch's largest ``|x|`` when above 1); the error is then at most
+      ``tol · Lip(g) / (1 - Lip(g))``. It costs about ``log(tol) / log(Lip(g))`` network
+      passes (a few tens for a typical ``Lip(g)``; ``max_iter`` bounds them, then
+      :class:`~pyroflows.transforms.InverseNotConverged`), plus log|det J| at the solution.
+      Gradients by the implicit function theorem.
     * log|det J| = ``log det(I + J_g(x))`` (``det > 0``: ``sign = +1``), by ``logdet``:
 
       - ``"exact"``: ``J_g`` is multiplied out (``W_L D_{L-1} ... D_1 W_1``, the chain rule
-        written down, no nested autograd) and passed to ``slogdet``: ``O(batch · h · dim ·
-        (dim + h))``, for small dimensions. The only mode the test harness checks against the
+        written down, no nested autograd) and passed to ``slogdet``: ``O(batch · dim · (h² +
+        dim²))``, for small dimensions. The only mode the test harness checks against the
         autograd Jacobian.
       - ``"roulette"``: the unbiased estimate of Chen et al. (2019), ``sum_{k=1}^{n+N}
-        (-1)^(k+1)/k · vᵀ J_g^k v / P(N ≥ k - n)`` with ``n = n_exact_terms`` terms always
-        kept, ``N ~ Geometric(geom_p)`` drawn per sample and ``v`` Rademacher (Hutchinson's
-        trace estimator): ``n + N`` vector-Jacobian products, no ``dim × dim`` matrix. It is
+        (-1)^(k+1)/k · vᵀ J_g^k v / P(N ≥ k - n)`` with ``n = n_exact_terms``,
+        ``N ~ Geometric(geom_p)`` on ``{1, 2, ...}`` drawn per sample (the first ``n + 1``
+        terms are always computed) and ``v`` Rademacher (Hutchinson's trace estimator):
+        ``n + max N`` vector-Jacobian products per batch, no ``dim × dim`` matrix. It is
         **stochastic**: ``log_prob`` differs from call to call (its mean is the exact value;
-        its variance grows as ``L`` nears 1). With ``neumann_grad=True`` the gradient is
+        its variance grows as ``Lip(g)`` nears 1). With ``neumann_grad=True`` the gradient is
         Chen et al.'s Neumann-series estimate of ``tr((I + J_g)⁻¹ ∂J_g)`` (memory independent
         of the number of terms); else autograd through the series.
       - ``"auto"`` (default): ``"exact"`` for ``dim ≤`` :data:`EXACT_LOG_DET_MAX_DIM` (16),
         ``"roulette"`` above.
 
-    Each block changes log-volume by at most ``dim · log(1 ± coeff^L)``: stack several
-    (with ``ActNorm`` or linear layers between) for strong deformations. The block starts at
-    the identity (the last layer of ``g`` is zero). For maximum likelihood, the data-to-noise
-    direction should be the fast one: put ``Inverted(Residual(...))`` in the flow.
+    A block's log|det J| lies in ``[dim · log(1 - Lip(g)), dim · log(1 + Lip(g))]``: stack
+    several (with ``ActNorm`` or linear layers between) for strong deformations. The block
+    starts at the identity (the last layer of ``g`` is zero). For maximum likelihood the
+    data-to-noise direction should be the fast one: put
+    :class:`Inverted(Residual(...)) <pyroflows.transforms.Inverted>` in the flow.
 
     Args:
         dim: number of features.
@@ -333,7 +336,7 @@ class Residual(FlowTransform):
         batch, dtype, n_exact, p = x.shape[:-1], x.dtype, self.n_exact_terms, self.geom_p
         v = torch.randint(0, 2, x.shape, device=x.device).to(dtype) * 2 - 1
         n = torch.empty(batch, dtype=dtype, device=x.device).geometric_(p)  # N >= 1
-        terms = n_exact + int(n.max())
+        terms = n_exact + (int(n.max()) if n.numel() else 0)
 
         def weight(k: int):
             """1[term k is drawn] / P(term k is drawn)."""
