@@ -98,12 +98,14 @@ def _vjp(w: torch.Tensor, weights, slopes) -> torch.Tensor:
     return w
 
 
-def _jacobian(weights, slopes, batch: torch.Size) -> torch.Tensor:
-    """``J_g`` of shape ``(*batch, dim, dim)``, multiplied out from the first layer."""
-    jac = weights[0]
+def _jacobian_t(weights, slopes, batch: torch.Size) -> torch.Tensor:
+    """``J_gᵀ`` of shape ``(*batch, dim, dim)``, multiplied out from the first layer; kept
+    transposed so that each step is one matrix product over the whole batch (``(batch · dim,
+    h) @ (h, h')``) rather than a batched one."""
+    jac_t = weights[0].T
     for i, slope in enumerate(slopes):
-        jac = weights[i + 1] @ (slope.unsqueeze(-1) * jac)
-    return jac.expand(*batch, *jac.shape[-2:])
+        jac_t = (jac_t * slope.unsqueeze(-2)) @ weights[i + 1].T
+    return jac_t.expand(*batch, *jac_t.shape[-2:])
 
 
 class Residual(FlowTransform):
@@ -326,9 +328,9 @@ class Residual(FlowTransform):
         weights = params[: len(self.linears)]
         batch = x.shape[:-1]
         if self.exact:
-            jac = _jacobian(weights, slopes, batch)
+            jac_t = _jacobian_t(weights, slopes, batch)  # det(I + Jᵀ) = det(I + J)
             eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-            return torch.linalg.slogdet(eye + jac).logabsdet
+            return torch.linalg.slogdet(eye + jac_t).logabsdet
         return self._roulette(x, weights, slopes)
 
     def _roulette(self, x: torch.Tensor, weights, slopes) -> torch.Tensor:
