@@ -76,9 +76,11 @@ def _planar_offset(e, t, a, b):
     return e + a * torch.tanh(t + e + b)
 
 
-def _radial_radius(r, alpha, rho):
-    # |y - x0| = r (1 + β / (α + r)), with β = ρ α.
-    return r + rho * alpha * r / (alpha + r)
+def _radial_radius(xi, kappa, alpha, one_plus_rho):
+    # |y - x0| = r (1 + β / (α + r)) with β = ρ α, i.e. r ((1 - s) + (1 + ρ) s), s = α / (α + r),
+    # in units of κ: r = κ xi.
+    s = alpha / (alpha + kappa * xi)
+    return xi * ((1 - s) + one_plus_rho * s)
 
 
 def _sylvester_offset(e, t, r, s, c):
@@ -233,9 +235,9 @@ class Radial(_LowRank):
     * map: ``y = x + β h (x - x0)``
     * inverse: ``r`` solves ``|y - x0| = r (1 + β / (α + r))`` (increasing in ``r >= 0``), then
       ``x = x0 + (y - x0) / (1 + β / (α + r))``; one bracketed Newton solve per point
-      (:func:`~pyroflows.transforms.solvers.monotone_inverse`, to its ``TOLERANCE``: ``1e-10``
-      in float64, ``1e-5`` in float32, relative above 1), gradients by the implicit function
-      theorem
+      (:func:`~pyroflows.transforms.solvers.monotone_inverse`, to its ``TOLERANCE``
+      *relative* in ``r``: ``1e-10`` in float64, ``1e-5`` in float32), gradients by the
+      implicit function theorem
     * log|det J|: ``(dim - 1) log(1 + βh) + log(1 + βh + βh'r)`` with ``h' = -h²``
 
     **Which direction is fast.** The forward (sampling) is O(dim) per point, closed form; the
@@ -287,36 +289,49 @@ class Radial(_LowRank):
         super().__init__(dim, context_dim, raw, identity=("beta_raw",))
 
     def _parts(self, context):
-        """``x0``, ``α``, ``ρ = β / α`` and ``1 + ρ``."""
+        """``x0``, ``α`` and ``1 + ρ`` (``ρ = β / α``)."""
         p = self._raw(context)
         alpha = F.softplus(p["alpha_raw"]).clamp_min(torch.finfo(p["x0"].dtype).tiny)
         one_plus_rho = _one_plus_m(p["beta_raw"])
-        return p["x0"], alpha, one_plus_rho - 1, one_plus_rho
+        return p["x0"], alpha, one_plus_rho
 
     def _log_det(self, r, alpha, one_plus_rho):
+        """``1 + βh`` and log|det J| at radius ``r``."""
         s = alpha / (alpha + r)  # α h, in (0, 1]
         grow = (1 - s) + one_plus_rho * s  # 1 + βh
         radial = (1 - s.square()) + one_plus_rho * s.square()  # 1 + βh + βh'r = 1 + ρ s²
-        return s, grow, (self.dim - 1) * torch.log(grow) + torch.log(radial)
+        return grow, (self.dim - 1) * torch.log(grow) + torch.log(radial)
 
     def _forward_and_log_det(self, x, context):
         self._batch_shape(x, context)
-        x0, alpha, rho, one_plus_rho = self._parts(context)
+        x0, alpha, one_plus_rho = self._parts(context)
         diff = x - x0
         r = torch.linalg.vector_norm(diff, dim=-1)
-        s, _, ladj = self._log_det(r, alpha, one_plus_rho)
-        return x + diff * (rho * s).unsqueeze(-1), ladj
+        grow, ladj = self._log_det(r, alpha, one_plus_rho)
+        # From x0, not x + ρ s (x - x0): no cancellation when ρ s is close to -1.
+        return x0 + diff * grow.unsqueeze(-1), ladj
 
     def _inverse_and_log_det(self, y, context):
         batch = self._batch_shape(y, context)
-        x0, alpha, rho, one_plus_rho = self._parts(context)
+        x0, alpha, one_plus_rho = self._parts(context)
         diff = y - x0
         r_y = torch.linalg.vector_norm(diff, dim=-1).expand(batch)
-        # r >= 0: f(0) = 0 <= r_y, so the bracket only grows upwards from [0, 1].
-        r = monotone_inverse(_radial_radius, r_y, (alpha, rho), lower=0.0, what="Radial")
-        s, grow, ladj = self._log_det(r, alpha, one_plus_rho)
-        # x - x0 = (y - x0) / (1 + ρ s), i.e. x = y - (y - x0) ρ s / (1 + ρ s).
-        return y - diff * (rho * s / grow).unsqueeze(-1), -ladj
+        # Solved for xi = r / κ with κ = r_y / max(1, 1 + ρ): since 1 + βh lies between 1 and
+        # 1 + ρ, xi >= 1, so the tolerance is relative in r at every scale (log|det J| varies on
+        # the scale α, which may be tiny). The clamp only guards y = x0 (then xi = r = 0).
+        kappa = (r_y / one_plus_rho.clamp_min(1)).clamp_min(torch.finfo(r_y.dtype).tiny)
+        xi = monotone_inverse(
+            _radial_radius,
+            r_y / kappa,
+            (kappa, alpha, one_plus_rho),
+            lower=1.0,
+            upper=2.0,
+            what="Radial",
+        )
+        r = xi * kappa
+        grow, ladj = self._log_det(r, alpha, one_plus_rho)
+        # From x0, not y - (y - x0) ρ s / (1 + ρ s): no cancellation when 1 + ρ s is large.
+        return x0 + diff / grow.unsqueeze(-1), -ladj
 
 
 _KINDS = ("orthogonal", "householder", "triangular")
