@@ -71,9 +71,9 @@ def _log_factor(th: torch.Tensor, one_plus_p: torch.Tensor) -> torch.Tensor:
 
 # The scalar equations of the inverses; each is increasing in its first argument (derivative at
 # least MARGIN), elementwise, and uses only its arguments (monotone_inverse's contract).
-def _planar_offset(e, t, a, b):
-    # w·x = t + e with t = w·y: e + (w·û) tanh(t + e + b) = 0.
-    return e + a * torch.tanh(t + e + b)
+def _planar_projection(alpha, a, b):
+    # w·y = α + (w·û) tanh(α + b) with α = w·x.
+    return alpha + a * torch.tanh(alpha + b)
 
 
 def _radial_radius(xi, kappa, alpha, one_plus_rho):
@@ -143,9 +143,12 @@ class Planar(_LowRank):
 
     * map: ``y = x + û tanh(w·x + b)``
     * inverse: ``α = w·x`` solves the scalar equation ``w·y = α + (w·û) tanh(α + b)``
-      (increasing in ``α``), then ``x = y - û tanh(α + b)``; one bracketed Newton solve per
-      point (:func:`~pyroflows.transforms.solvers.monotone_inverse`, to its ``TOLERANCE``:
-      ``1e-10`` in float64, ``1e-5`` in float32), gradients by the implicit function theorem
+      (increasing in ``α``), then ``x = y - û tanh(α + b)``, computed as
+      ``y + (α - w·y) w / |w|² - u⊥ tanh(α + b)`` (``u⊥``: the part of ``û`` orthogonal to
+      ``w``) so that a large ``w·û`` cancels nowhere; one bracketed Newton solve per point
+      (:func:`~pyroflows.transforms.solvers.monotone_inverse`, to its ``TOLERANCE`` on ``α``:
+      ``1e-10`` in float64, ``1e-5`` in float32, relative above 1), gradients by the implicit
+      function theorem
     * log|det J|: ``log(1 + (w·û) tanh'(w·x + b))`` (``û·ψ`` with ``ψ = tanh'(·) w``)
 
     **Which direction is fast.** The forward ``x -> y`` (sampling) is O(dim) per point, closed
@@ -182,7 +185,7 @@ class Planar(_LowRank):
         >>> _ = torch.manual_seed(0)
         >>> t = Planar(3, context_dim=2)
         >>> x, c = torch.randn(5, 3), torch.randn(5, 2)
-        >>> torch.equal(t.condition(c)(x), x)  # the identity at first
+        >>> torch.allclose(t.condition(c)(x), x)  # the identity at first
         True
         >>> with torch.no_grad():
         ...     _ = t.head.bias.normal_()
@@ -198,33 +201,35 @@ class Planar(_LowRank):
         super().__init__(dim, context_dim, raw, identity=("u",))
 
     def _parts(self, context):
-        """``û``, ``w``, ``b``, ``w·û`` and ``1 + w·û``."""
+        """``u⊥`` (``û``'s part orthogonal to ``w``), ``w``, ``b``, ``|w|²``, ``w·û`` and
+        ``1 + w·û`` (the last two without the trailing event dimension)."""
         p = self._raw(context)
         u, w, b = p["u"], p["w"], p["b"]
         norm2 = w.square().sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         wu = (w * u).sum(-1, keepdim=True)
-        # u's part orthogonal to w; projected twice ("twice is enough") so that a huge u along
-        # w leaves only a rounding error of the small remainder along w, not of u.
+        # Projected twice ("twice is enough") so that a huge u along w leaves only a rounding
+        # error of the small remainder along w, not of u.
         perp = u - wu / norm2 * w
         perp = perp - (w * perp).sum(-1, keepdim=True) / norm2 * w
-        one_plus_a = _one_plus_m(wu)
-        a = one_plus_a - 1
-        u_hat = perp + a / norm2 * w
-        return u_hat, w, b, a.squeeze(-1), one_plus_a.squeeze(-1)
+        one_plus_a = _one_plus_m(wu.squeeze(-1))
+        return perp, w, b, norm2, one_plus_a - 1, one_plus_a
 
     def _forward_and_log_det(self, x, context):
         self._batch_shape(x, context)
-        u_hat, w, b, _, one_plus_a = self._parts(context)
+        perp, w, b, norm2, a, one_plus_a = self._parts(context)
         th = torch.tanh((w * x).sum(-1) + b)
+        u_hat = perp + (a.unsqueeze(-1) / norm2) * w
         return x + u_hat * th.unsqueeze(-1), _log_factor(th, one_plus_a)
 
     def _inverse_and_log_det(self, y, context):
         batch = self._batch_shape(y, context)
-        u_hat, w, b, a, one_plus_a = self._parts(context)
+        perp, w, b, norm2, a, one_plus_a = self._parts(context)
         t = (w * y).sum(-1).expand(batch)
-        e = monotone_inverse(_planar_offset, t.new_zeros(batch), (t, a, b), what="Planar")
-        th = torch.tanh(t + e + b)
-        return y - u_hat * th.unsqueeze(-1), -_log_factor(th, one_plus_a)
+        alpha = monotone_inverse(_planar_projection, t, (a, b), what="Planar")
+        th = torch.tanh(alpha + b)
+        # y - û tanh(α + b), with (w·û) tanh(α + b) = w·y - α along w.
+        x = y + ((alpha - t).unsqueeze(-1) / norm2) * w - perp * th.unsqueeze(-1)
+        return x, -_log_factor(th, one_plus_a)
 
 
 class Radial(_LowRank):
@@ -371,7 +376,13 @@ class Sylvester(_LowRank):
     **Which direction is fast.** The forward (sampling) is one pass, O(dim·M + M²) per point.
     The inverse (scoring arbitrary points) is ``M`` *sequential* scalar solves of a handful of
     Newton iterations each, O(M²) work per point but ``M`` rounds of Python-level calls: use
-    the forward direction for sampling-based objectives (a VAE's posterior, VI).
+    the forward direction for sampling-based objectives (a VAE's posterior, VI). Measured on
+    one CPU thread, dim 64, a batch of 100 amortised points: forward 7-9 ms; inverse 30 ms
+    (``"orthogonal"``, M = 32) to 60 ms (M = 64), about twice that with its backward pass.
+    Back substitution is as accurate as the map's conditioning allows: a round trip loses
+    about ``cond(J)`` ulps, and with large off-diagonal entries of ``R`` and ``R̃`` in many
+    dimensions ``cond(J)`` can grow quickly with ``M`` (float64 keeps such round trips tight
+    where float32 does not).
 
     **Invertibility.** The diagonals are ``r_ii = a tanh(raw)`` and ``r̃_ii = a tanh(raw~)``
     with ``a = sqrt(1 - MARGIN)`` (the paper bounds them by tanh, ``a = 1``), so
