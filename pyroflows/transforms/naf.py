@@ -30,7 +30,7 @@ from .base import FlowTransform
 from .maps import ElementwiseMap
 from .solvers import monotone_inverse
 
-__all__ = ["BNAF", "DDSF", "DSF"]
+__all__ = ["BNAF", "DDSF", "DSF", "MIN_DERIVATIVE"]
 
 
 def _soft_clamp(raw: torch.Tensor, bound: float) -> torch.Tensor:
@@ -45,48 +45,127 @@ def _log_sigmoids(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return log_p, log_p - u
 
 
+def _check_finite(name: str, y: torch.Tensor) -> None:
+    """A numerical inverse of a non-finite value would return a finite, meaningless one."""
+    if not bool(torch.isfinite(y).all()):
+        bad = int((~torch.isfinite(y)).sum())
+        raise ValueError(
+            f"{name}: expected finite values to invert; got {bad} infinite or NaN value(s)"
+        )
+
+
 def _broadcast_inverse_input(y: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """``y`` expanded to the batch shape it has with ``h`` (the solver's output shape)."""
     batch = torch.broadcast_shapes(y.shape[:-1], h.shape[:-2])
     return y.expand(*batch, y.shape[-1])
 
 
-class DSF(ElementwiseMap):
+#: The default floor ``ε`` on the slope of :class:`DSF` and :class:`DDSF`, as the splines'
+#: minimum derivative.
+MIN_DERIVATIVE = 1e-3
+
+
+def _check_min_derivative(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"min_derivative: expected a number in [0, 1); got {value!r}")
+    return float(value)
+
+
+class _SigmoidalMap(ElementwiseMap):
+    """What :class:`DSF` and :class:`DDSF` share: the slope floor, the numerical inverse and
+    the contract's methods around a subclass's ``_transformer(x, h) -> (g, log g')``
+    (elementwise, of the broadcast shape)."""
+
+    param_major = False
+
+    def __init__(self, log_slope_bound: float, shift_bound: float, min_derivative: float):
+        super().__init__()
+        self.log_slope_bound = float(check_positive("log_slope_bound", log_slope_bound))
+        self.shift_bound = float(check_positive("shift_bound", shift_bound))
+        self.min_derivative = _check_min_derivative(min_derivative)
+
+    def _transformer(self, x: torch.Tensor, h: torch.Tensor):
+        raise NotImplementedError
+
+    def _evaluate(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``y = (1 - ε) g(x) + ε x`` and ``log y'`` elementwise (``ε = min_derivative``)."""
+        g, log_dg = self._transformer(x, h)
+        eps = self.min_derivative
+        if not eps:
+            return g, log_dg
+        # g + ε (x - g) rather than (1 - ε) g + ε x: where g = x (h = 0), exactly x.
+        y = torch.lerp(g, x.expand_as(g), eps)
+        return y, torch.logaddexp(log_dg + math.log1p(-eps), log_dg.new_tensor(math.log(eps)))
+
+    def _map(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return self._evaluate(x, h)[0]
+
+    def forward(self, x, h):
+        y, log_dy = self._evaluate(x, h)
+        return y, log_dy.sum(-1)
+
+    def inverse(self, y, h):
+        _check_finite(type(self).__name__, y)
+        y = _broadcast_inverse_input(y, h)
+        x = monotone_inverse(self._map, y, (h,), what=type(self).__name__)
+        return x, -self._evaluate(x, h)[1].sum(-1)
+
+    def extra_repr(self) -> str:
+        parts = [f"log_slope_bound={self.log_slope_bound}", f"shift_bound={self.shift_bound}"]
+        if self.min_derivative != MIN_DERIVATIVE:
+            parts.append(f"min_derivative={self.min_derivative}")
+        return ", ".join(parts)
+
+
+class DSF(_SigmoidalMap):
     """Deep sigmoidal flow: the logit of a convex combination of sigmoids, as an elementwise map.
 
     With ``h`` of shape ``(*batch, n, 3 * components)`` holding, per feature, raw slopes
     ``h[..., :K]``, raw shifts ``h[..., K:2K]`` and raw weights ``h[..., 2K:]`` (``K =
     components``), ``a_j = exp(B_a tanh(raw_a / B_a))`` (within ``exp(±B_a)``, ``B_a =
     log_slope_bound``), ``b_j = B_b tanh(raw_b / B_b)`` (within ``±B_b``, ``B_b =
-    shift_bound``), ``w = softmax(raw_w)`` and ``u_j = a_j x + b_j``:
+    shift_bound``), ``w = softmax(raw_w)`` and ``u_j = a_j x + b_j``, the transformer is
 
-    * map: ``y = logit(sum_j w_j σ(u_j)) = log sum_j w_j σ(u_j) - log sum_j w_j σ(-u_j)``
-    * log-derivative: ``log y' = log sum_j w_j a_j σ(u_j) σ(-u_j) - log sum_j w_j σ(u_j)
+    * ``g(x) = logit(sum_j w_j σ(u_j)) = log sum_j w_j σ(u_j) - log sum_j w_j σ(-u_j)``
+    * ``log g'(x) = log sum_j w_j a_j σ(u_j) σ(-u_j) - log sum_j w_j σ(u_j)
       - log sum_j w_j σ(-u_j)``
-    * inverse: numerical (below).
+
+    and the map ``y = (1 - ε) g(x) + ε x`` (below); its inverse is numerical (below).
 
     Everything is computed in log space (log-sum-exps of ``log w_j + log σ(±u_j)``), so the
-    map is finite and onto ``R`` for any finite ``x``: as ``x -> ±∞``, ``y`` grows linearly
+    map is finite and onto ``R`` for any finite ``x``: as ``x -> ±∞``, ``g`` grows linearly
     with slope between ``min_j a_j`` and ``max_j a_j``. The bounds keep the map away from
-    degenerate ones: no slope leaves ``exp(±B_a)`` and the plateaus between two sigmoids,
-    whose depth is set by the shifts, stay shallow enough for the inverse to be well
-    conditioned. ``h = 0`` gives ``a = 1``, ``b = 0`` and equal weights: ``y = logit(σ(x)) =
-    x`` with log-derivative 0, the identity up to rounding.
+    degenerate ones: no slope leaves ``exp(±B_a)``, and the shifts bound how deep the plateaus
+    between two sigmoids go. ``h = 0`` gives ``a = 1``, ``b = 0`` and equal weights: ``g(x) =
+    logit(σ(x)) = x`` with log-derivative 0, the identity up to rounding.
+
+    **A floor on the slope.** The map applied is ``y = (1 - ε) g(x) + ε x`` with ``ε =
+    min_derivative`` (``1e-3``, the splines' minimum derivative), so ``log y' = log((1 - ε)
+    g'(x) + ε)`` and ``y' >= ε`` everywhere. Between two sigmoids saturated on opposite sides
+    ``g`` has a plateau whose slope can fall far below any rounding; there ``y`` would stop
+    resolving ``x`` and the inverse lose all accuracy. With the floor, rounding ``y`` moves
+    ``x`` by at most ``ulp(y) / ε``. ``h = 0`` is still the identity (``g = x``), and ``y``
+    stays onto ``R`` and strictly increasing.
 
     **Which direction is fast.** The forward map ``x -> y`` is analytic (a few elementwise
-    operations over ``K`` components). The inverse solves ``g(x; h) = y`` elementwise with
+    operations over ``K`` components). The inverse solves ``y(x; h) = y`` elementwise with
     :func:`~pyroflows.transforms.solvers.monotone_inverse` (a bracket expanded from
     ``[-1, 1]``, then safeguarded Newton steps, typically 5 to 15 forward evaluations) to
     :data:`~pyroflows.transforms.solvers.TOLERANCE` (``1e-10`` in float64, ``1e-5`` in
     float32, relative for ``|x| > 1``); its gradients in ``y`` and ``h`` come from the implicit
-    function theorem. In :class:`~pyroflows.transforms.MaskedAutoregressive` use
-    ``orientation="iaf"`` when sampling should be analytic, ``"maf"`` for one conditioner pass
-    (and one solve) per density evaluation.
+    function theorem. A non-finite value to invert is a ``ValueError`` (a solve would return a
+    finite, meaningless number); a solve that fails raises
+    :class:`~pyroflows.transforms.InverseNotConverged`. In
+    :class:`~pyroflows.transforms.MaskedAutoregressive`, ``orientation="iaf"`` makes the
+    forward (sampling) analytic and ``"maf"`` makes density evaluation one conditioner pass
+    and one solve; ``Inverted(MaskedAutoregressive(dim, DSF(), orientation="iaf"))`` scores
+    data analytically in one pass (the NAF of the paper).
 
     Args:
         components: number of sigmoids ``K``.
         log_slope_bound: the soft bound ``B_a`` on ``|log a_j|``.
         shift_bound: the soft bound ``B_b`` on ``|b_j|``.
+        min_derivative: the floor ``ε`` on the slope, in ``[0, 1)``.
 
     Shapes:
         ``x``, ``y``: ``(*batch, n)``; ``h``: ``(*batch', n, 3 * components)`` with ``batch'``
@@ -112,19 +191,18 @@ class DSF(ElementwiseMap):
         (True, True)
     """
 
-    param_major = False
-
     def __init__(
-        self, components: int = 8, log_slope_bound: float = 3.0, shift_bound: float = 5.0
+        self,
+        components: int = 8,
+        log_slope_bound: float = 3.0,
+        shift_bound: float = 5.0,
+        min_derivative: float = MIN_DERIVATIVE,
     ) -> None:
-        super().__init__()
+        super().__init__(log_slope_bound, shift_bound, min_derivative)
         self.components = check_positive_int("components", components)
-        self.log_slope_bound = float(check_positive("log_slope_bound", log_slope_bound))
-        self.shift_bound = float(check_positive("shift_bound", shift_bound))
         self.params_per_feature = 3 * self.components
 
-    def _evaluate(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``y`` and the elementwise log-derivative ``log y'`` (both of the broadcast shape)."""
+    def _transformer(self, x, h):
         raw_a, raw_b, raw_w = h.unflatten(-1, (3, self.components)).unbind(-2)
         log_a = _soft_clamp(raw_a, self.log_slope_bound)
         log_w = torch.log_softmax(raw_w, -1)
@@ -135,26 +213,11 @@ class DSF(ElementwiseMap):
         log_ds = torch.logsumexp(log_w + log_a + log_p + log_q, -1)  # log ds/dx
         return log_s - log_1ms, log_ds - log_s - log_1ms
 
-    def _map(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self._evaluate(x, h)[0]
-
-    def forward(self, x, h):
-        y, log_dy = self._evaluate(x, h)
-        return y, log_dy.sum(-1)
-
-    def inverse(self, y, h):
-        y = _broadcast_inverse_input(y, h)
-        x = monotone_inverse(self._map, y, (h,), what=type(self).__name__)
-        return x, -self._evaluate(x, h)[1].sum(-1)
-
     def extra_repr(self) -> str:
-        return (
-            f"components={self.components}, log_slope_bound={self.log_slope_bound}, "
-            f"shift_bound={self.shift_bound}"
-        )
+        return f"components={self.components}, {super().extra_repr()}"
 
 
-class DDSF(ElementwiseMap):
+class DDSF(_SigmoidalMap):
     """Deep dense sigmoidal flow: stacked dense sigmoidal layers, as an elementwise map.
 
     Each feature goes through ``layers`` dense sigmoidal layers ``R^{d_{l-1}} -> R^{d_l}`` with
@@ -165,9 +228,10 @@ class DDSF(ElementwiseMap):
 
     * ``v'_m = logit(sum_k w_mk σ(a_k (u v)_k + b_k))``,
 
-    computed in log space as :class:`DSF` is (a layer with ``d_{l-1} = d_l = 1`` *is* a DSF).
-    Every path from ``x`` to ``y`` has positive weights, so ``y`` is strictly increasing in
-    ``x``, and onto ``R`` (each layer is; its output grows linearly in its inputs far out).
+    computed in log space as :class:`DSF` is (a layer with ``d_{l-1} = d_l = 1`` *is* DSF's
+    transformer). Every path from ``x`` to the output ``g(x)`` has positive weights, so ``g``
+    is strictly increasing, and onto ``R`` (each layer is; its output grows linearly in its
+    inputs far out). The map is ``y = (1 - ε) g(x) + ε x`` (below).
 
     * log-derivative: by the chain rule through the layers in log space (the method of the
       paper): with ``G_j = log ∂v_j/∂x``, layer ``l`` gives ``G'_m = log sum_k w_mk a_k
@@ -178,12 +242,18 @@ class DDSF(ElementwiseMap):
     ``h = 0`` gives unit slopes, zero shifts and uniform weights: every layer maps ``(x, ..,
     x)`` to ``(x, .., x)``, the identity up to rounding.
 
+    **A floor on the slope**, as in :class:`DSF`: ``y = (1 - ε) g(x) + ε x`` with ``ε =
+    min_derivative``, so ``y' >= ε``. It matters most here: sigmoids of one layer read
+    different hidden units, so some saturate high while others saturate low, and ``g`` then
+    has plateaus with slopes far below rounding (``e^-60`` seen with saturated parameters).
+
     **Which direction is fast.** The forward map is analytic: ``layers`` small dense layers per
-    feature (``O(layers * units²)`` operations). The inverse solves ``g(x; h) = y`` elementwise
-    with :func:`~pyroflows.transforms.solvers.monotone_inverse` (bracket, then safeguarded
-    Newton; each iteration one forward evaluation and its derivative) to
+    feature (``O(layers * units²)`` operations). The inverse solves ``y(x; h) = y``
+    elementwise with :func:`~pyroflows.transforms.solvers.monotone_inverse` (bracket, then
+    safeguarded Newton; each iteration one forward evaluation and its derivative) to
     :data:`~pyroflows.transforms.solvers.TOLERANCE` (``1e-10`` in float64, ``1e-5`` in
-    float32, relative for ``|x| > 1``), with gradients by the implicit function theorem.
+    float32, relative for ``|x| > 1``), with gradients by the implicit function theorem;
+    non-finite values to invert are a ``ValueError``, as for :class:`DSF`.
 
     The conditioner emits ``units * (2 + d_{l-1} + d_l)`` numbers per layer and feature, less
     ``units`` for the first layer (its input weights over one input are constant), e.g. 168
@@ -193,10 +263,11 @@ class DDSF(ElementwiseMap):
     Args:
         units: the width ``U`` of the layers (sigmoids per layer, and the size of the hidden
             representation between layers).
-        layers: number of dense sigmoidal layers ``L`` (``layers=1`` is a DSF with ``units``
-            components).
+        layers: number of dense sigmoidal layers ``L`` (``layers=1`` is a :class:`DSF` with
+            ``units`` components).
         log_slope_bound: the soft bound ``B_a`` on ``|log a_k|`` in every layer.
         shift_bound: the soft bound ``B_b`` on ``|b_k|`` in every layer.
+        min_derivative: the floor ``ε`` on the slope, in ``[0, 1)``.
 
     Shapes:
         ``x``, ``y``: ``(*batch, n)``; ``h``: ``(*batch', n, params_per_feature)`` with
@@ -218,20 +289,17 @@ class DDSF(ElementwiseMap):
         True
     """
 
-    param_major = False
-
     def __init__(
         self,
         units: int = 8,
         layers: int = 2,
         log_slope_bound: float = 3.0,
         shift_bound: float = 5.0,
+        min_derivative: float = MIN_DERIVATIVE,
     ) -> None:
-        super().__init__()
+        super().__init__(log_slope_bound, shift_bound, min_derivative)
         self.units = check_positive_int("units", units)
         self.layers = check_positive_int("layers", layers)
-        self.log_slope_bound = float(check_positive("log_slope_bound", log_slope_bound))
-        self.shift_bound = float(check_positive("shift_bound", shift_bound))
         widths = [1] + [self.units] * (self.layers - 1) + [1]
         # (inputs, outputs, offset) of every layer's block of the conditioner output
         self._shapes: list[tuple[int, int, int]] = []
@@ -244,8 +312,7 @@ class DDSF(ElementwiseMap):
     def _layer_size(self, d_in: int, d_out: int) -> int:
         return self.units * (2 + (d_in if d_in > 1 else 0) + d_out)
 
-    def _evaluate(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``y`` and the elementwise log-derivative ``log y'`` (both of the broadcast shape)."""
+    def _transformer(self, x, h):
         U = self.units
         v = x.unsqueeze(-1)  # (..., n, d_0 = 1): the values of the current layer's inputs
         grad = None  # log ∂v/∂x, (..., n, d); zero (None) for the input itself
@@ -255,9 +322,8 @@ class DDSF(ElementwiseMap):
             shift = _soft_clamp(p[..., U : 2 * U], self.shift_bound)
             log_w = torch.log_softmax(p[..., -d_out * U :].unflatten(-1, (d_out, U)), -1)
             if d_in > 1:
-                log_u = torch.log_softmax(
-                    p[..., 2 * U : 2 * U + U * d_in].unflatten(-1, (U, d_in)), -1
-                )
+                raw_u = p[..., 2 * U : 2 * U + U * d_in].unflatten(-1, (U, d_in))
+                log_u = torch.log_softmax(raw_u, -1)
                 mixed = (log_u.exp() @ v.unsqueeze(-1)).squeeze(-1)  # (u v)_k
                 grad_in = torch.logsumexp(log_u + grad.unsqueeze(-2), -1)  # log ∂(u v)_k/∂x
             else:  # one input: u = 1
@@ -274,23 +340,8 @@ class DDSF(ElementwiseMap):
             v = log_s - log_1ms
         return v.squeeze(-1), grad.squeeze(-1)
 
-    def _map(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return self._evaluate(x, h)[0]
-
-    def forward(self, x, h):
-        y, log_dy = self._evaluate(x, h)
-        return y, log_dy.sum(-1)
-
-    def inverse(self, y, h):
-        y = _broadcast_inverse_input(y, h)
-        x = monotone_inverse(self._map, y, (h,), what=type(self).__name__)
-        return x, -self._evaluate(x, h)[1].sum(-1)
-
     def extra_repr(self) -> str:
-        return (
-            f"units={self.units}, layers={self.layers}, "
-            f"log_slope_bound={self.log_slope_bound}, shift_bound={self.shift_bound}"
-        )
+        return f"units={self.units}, layers={self.layers}, {super().extra_repr()}"
 
 
 class _MaskedBlockLinear(nn.Module):
@@ -406,9 +457,11 @@ class BNAF(FlowTransform):
     :data:`~pyroflows.transforms.solvers.TOLERANCE` per coordinate (``1e-10`` in float64,
     ``1e-5`` in float32, relative above 1); gradients in ``y``, the parameters and the context
     come from the implicit function theorem (the solved coordinates are parameters of the
-    later solves). So put the fast direction where the flow is used most: sampling and scoring
-    its own samples (variational inference) as is, maximum likelihood on data through
-    :class:`~pyroflows.transforms.Inverted` (data -> base is then the network pass).
+    later solves). Non-finite values to invert are a ``ValueError``; a failed solve raises
+    :class:`~pyroflows.transforms.InverseNotConverged`. So put the fast direction where the
+    flow is used most: sampling and scoring its own samples (variational inference) as is,
+    maximum likelihood on data through :class:`~pyroflows.transforms.Inverted` (data -> base
+    is then the network pass).
 
     Args:
         dim: number of features.
@@ -516,6 +569,7 @@ class BNAF(FlowTransform):
         return y, log_diag.sum(-1)
 
     def _inverse_and_log_det(self, y, context):
+        _check_finite(type(self).__name__, y)
         y = self._check_context_batch(y, context)
         tensors = self._tensors()
         extra = [] if context is None else [context]
