@@ -10,13 +10,29 @@ __version__ = "0.4.0"
 from . import bases, datasets, diagnostics, engine, flows, images, infer, nn, transforms
 from .engine import CheckpointError, History, TrainingDiverged, TrainStep
 from .evaluation import evaluate
-from .flows import IAF, MAF, NICE, NSF, Flow, Glow, ImageRealNVP, LinearFlow, RealNVP
+from .flows import (
+    BNAF,
+    IAF,
+    MAF,
+    NAF,
+    NICE,
+    NSF,
+    Flow,
+    Glow,
+    ImageRealNVP,
+    LinearFlow,
+    RealNVP,
+    ResidualFlow,
+    SylvesterFlow,
+)
 from .io import load, save
 from .train import fit
 
 __all__ = [
+    "BNAF",
     "IAF",
     "MAF",
+    "NAF",
     "NICE",
     "NSF",
     "CheckpointError",
@@ -26,6 +42,8 @@ __all__ = [
     "ImageRealNVP",
     "LinearFlow",
     "RealNVP",
+    "ResidualFlow",
+    "SylvesterFlow",
     "TrainStep",
     "TrainingDiverged",
     "__version__",

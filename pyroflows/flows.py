@@ -43,7 +43,7 @@ from .transforms import (
     SinhArcsinh,
     coupling_mask,
 )
-from .transforms.autoregressive import MaskedAffineAutoregressive
+from .transforms.autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive
 from .transforms.base import FlowTransform, check_context
 from .transforms.image import (
     ActNorm2d,
@@ -52,13 +52,20 @@ from .transforms.image import (
     InvConv1x1,
     _check_shape,
 )
+from .transforms.inverted import Inverted
 from .transforms.multiscale import FactorOut, Squeezed
+from .transforms.naf import BNAF as BNAFTransform
+from .transforms.naf import DDSF, DSF
+from .transforms.residual import Residual
 from .transforms.splines import SplineAutoregressive, SplineCoupling
+from .transforms.sylvester import Planar, Radial, Sylvester
 
 __all__ = [
+    "BNAF",
     "BUILDERS",
     "IAF",
     "MAF",
+    "NAF",
     "NICE",
     "NSF",
     "Flow",
@@ -67,6 +74,8 @@ __all__ = [
     "ImageRealNVP",
     "LinearFlow",
     "RealNVP",
+    "ResidualFlow",
+    "SylvesterFlow",
     "builder_name",
     "register_builder",
     "unregister_builder",
@@ -824,6 +833,266 @@ class LinearFlow(Flow):
         super().__init__(parts, dim, context_dim, base, base_hidden=hidden, config=config)
 
 
+# -- flows with numerical inverses (NAF, BNAF, residual, planar/radial/Sylvester) -----------------
+FAST = ("density", "sampling")
+
+
+def _oriented(block: FlowTransform, fast: str) -> FlowTransform:
+    """``block`` when its forward pass (base -> data) is to be the fast direction, else
+    :class:`~pyroflows.transforms.Inverted` (the network evaluation becomes the density
+    direction, data -> base)."""
+    if fast not in FAST:
+        raise ValueError(f"fast: expected 'density' or 'sampling'; got {fast!r}")
+    return block if fast == "sampling" else Inverted(block)
+
+
+class NAF(Flow):
+    """Neural autoregressive flow: masked autoregressive layers with a sigmoidal transformer.
+
+    Each layer is a :class:`~pyroflows.transforms.MaskedAutoregressive` whose elementwise map is
+    the deep sigmoidal (:class:`~pyroflows.transforms.DSF`) or deep dense sigmoidal
+    (:class:`~pyroflows.transforms.DDSF`) transformer of Huang et al. (2018), with the feature
+    order reversed between layers. The transformer is analytic one way and inverted numerically
+    (a bracketed Newton solve per feature) the other, so the conditioner reads the side whose
+    direction is to be fast. ``fast="density"`` (default; the paper's NAF): data -> base
+    (``log_prob``) is one MADE pass and the analytic transformer per layer, sampling solves for
+    one feature after another (``dim`` sequential passes per layer, each a numerical solve).
+    ``fast="sampling"``: sampling is one pass per layer and scores its own samples for free,
+    scoring other points solves (what :class:`~pyroflows.infer.AutoFlowGuide` builds).
+
+    Args:
+        dim: number of features.
+        layers: number of autoregressive layers.
+        hidden: hidden widths of each MADE.
+        context_dim: size of the context (0: unconditional).
+        transformer: ``"dsf"`` or ``"ddsf"``.
+        units: sigmoid components of the DSF, or hidden units of each DDSF layer.
+        fast: ``"density"`` or ``"sampling"``: the direction that is one pass per layer.
+        mixing: ``"reverse"``, ``"random"``, ``"lu"``, ``"qr"`` or ``None`` between layers.
+        base: see :class:`Flow`.
+
+    References:
+        Neural Autoregressive Flows (Huang, Krueger, Lacoste and Courville, 2018).
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> flow = pf.NAF(dim=3, layers=2, hidden=(16,))
+        >>> flow().log_prob(torch.zeros(3)).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        transformer: str = "dsf",
+        units: int = 8,
+        fast: str = "density",
+        mixing: str | None = "reverse",
+        base: str | nn.Module = "normal",
+    ) -> None:
+        if transformer not in ("dsf", "ddsf"):
+            raise ValueError(f"transformer: expected 'dsf' or 'ddsf'; got {transformer!r}")
+
+        def layer() -> FlowTransform:
+            transform = DSF(components=units) if transformer == "dsf" else DDSF(units=units)
+            # The conditioner reads the transform's input, the map is analytic forward: in the
+            # sampling direction as it is, in the density direction inverted.
+            made = MaskedAutoregressive(dim, transform, hidden, context_dim, orientation="iaf")
+            return _oriented(made, fast)
+
+        blocks = [layer() for _ in range(_check_layers(layers))]
+        config = {"dim": dim, "layers": layers, "hidden": hidden, "context_dim": context_dim}
+        config.update(transformer=transformer, units=units, fast=fast)
+        config.update(mixing=mixing, base=base)
+        super().__init__(_stack(blocks, dim, mixing, False), dim, context_dim, base, config=config)
+
+
+class BNAF(Flow):
+    """Block neural autoregressive flow: one network per layer, autoregressive by block masks.
+
+    Each layer is a :class:`~pyroflows.transforms.BNAF` transform (De Cao et al. 2019: masked
+    block-triangular weights with positive diagonal blocks, tanh between them, an exact
+    log|det J|, and a positive skip connection that makes it onto ``R^dim``), with the feature
+    order reversed between layers. Its network evaluation is one pass; its inverse is a
+    numerical solve, feature after feature. ``fast="density"`` (default) puts the network
+    evaluation in the density direction (data -> base, ``log_prob``; sampling solves);
+    ``fast="sampling"`` in the sampling direction, which is what a variational guide wants
+    (NumPyro's ``AutoBNAFNormal``; :class:`~pyroflows.infer.AutoFlowGuide` with
+    ``flow="bnaf"`` builds that).
+
+    Args:
+        dim: number of features.
+        layers: number of BNAF transforms.
+        hidden_factor: hidden units per feature in each masked layer.
+        depth: masked hidden layers per BNAF transform.
+        context_dim: size of the context (0: unconditional).
+        fast: ``"density"`` or ``"sampling"``: the direction that is one network pass.
+        mixing: ``"reverse"``, ``"random"``, ``"lu"``, ``"qr"`` or ``None`` between layers.
+        base: see :class:`Flow`.
+
+    References:
+        Block Neural Autoregressive Flow (De Cao, Aziz and Titov, 2019).
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> flow = pf.BNAF(dim=2, layers=1, hidden_factor=4)
+        >>> flow().log_prob(torch.zeros(5, 2)).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 1,
+        hidden_factor: int = 8,
+        depth: int = 2,
+        context_dim: int = 0,
+        fast: str = "density",
+        mixing: str | None = "reverse",
+        base: str | nn.Module = "normal",
+    ) -> None:
+        blocks = [
+            _oriented(BNAFTransform(dim, hidden_factor, depth, context_dim), fast)
+            for _ in range(_check_layers(layers))
+        ]
+        config = {"dim": dim, "layers": layers, "hidden_factor": hidden_factor, "depth": depth}
+        config.update(context_dim=context_dim, fast=fast, mixing=mixing, base=base)
+        super().__init__(_stack(blocks, dim, mixing, False), dim, context_dim, base, config=config)
+
+
+class ResidualFlow(Flow):
+    """Residual flow: invertible residual blocks ``y = x + g(x)`` with ``Lip(g) < 1``.
+
+    Each layer is a :class:`~pyroflows.transforms.Residual` block (i-ResNet, Behrmann et al.
+    2019; Residual Flows, Chen et al. 2019): a spectrally normalised MLP with LipSwish units,
+    log|det J| exact for up to :data:`~pyroflows.transforms.residual.EXACT_LOG_DET_MAX_DIM`
+    features and an unbiased Russian-roulette estimate above (``logdet``; the estimate makes
+    ``log_prob`` stochastic), and a fixed-point inverse. ``fast="density"`` (default) puts the
+    block's evaluation in the density direction (data -> base, as in the papers); sampling
+    then iterates to the fixed point (about ``log(tol) / log(Lip)`` passes per block).
+
+    Args:
+        dim: number of features.
+        layers: number of residual blocks.
+        hidden: hidden widths of each block's MLP.
+        context_dim: size of the context (0: unconditional).
+        coeff: the Lipschitz bound of each linear layer (below 1).
+        logdet: ``"auto"``, ``"exact"`` or ``"roulette"``.
+        fast: ``"density"`` or ``"sampling"``: the direction that is one network pass.
+        actnorm: add an ActNorm after each block (as the papers do).
+        base: see :class:`Flow`.
+
+    References:
+        Invertible Residual Networks (Behrmann et al., 2019); Residual Flows for Invertible
+        Generative Modeling (Chen, Behrmann, Duvenaud and Jacobsen, 2019).
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> flow = pf.ResidualFlow(dim=2, layers=2, hidden=(16,))
+        >>> flow().log_prob(torch.zeros(5, 2)).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 5,
+        hidden: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        coeff: float = 0.97,
+        logdet: str = "auto",
+        fast: str = "density",
+        actnorm: bool = False,
+        base: str | nn.Module = "normal",
+    ) -> None:
+        blocks = [
+            _oriented(Residual(dim, hidden, context_dim, coeff=coeff, logdet=logdet), fast)
+            for _ in range(_check_layers(layers))
+        ]
+        config = {"dim": dim, "layers": layers, "hidden": hidden, "context_dim": context_dim}
+        config.update(coeff=coeff, logdet=logdet, fast=fast, actnorm=actnorm, base=base)
+        super().__init__(_stack(blocks, dim, None, actnorm), dim, context_dim, base, config=config)
+
+
+class SylvesterFlow(Flow):
+    """Planar, radial or Sylvester flows: the variational posteriors of Rezende & Mohamed (2015)
+    and van den Berg et al. (2018).
+
+    Each layer is a :class:`~pyroflows.transforms.Planar`, :class:`~pyroflows.transforms.Radial`
+    or :class:`~pyroflows.transforms.Sylvester` (``kind="orthogonal"``, ``"householder"`` or
+    ``"triangular"``, the last alternating the identity and the reversal as its permutation) with
+    the papers' invertibility constraints. With ``context_dim > 0`` the parameters of every
+    layer are read from the context (amortised, as in the Sylvester paper's VAE). The sampling
+    direction is one pass (the fast one, the default ``fast="sampling"``); the density of a
+    point the flow did not draw needs a numerical inverse (scalar monotone solves).
+
+    Args:
+        dim: number of features.
+        layers: number of transforms.
+        context_dim: size of the context (0: unconditional).
+        kind: ``"planar"``, ``"radial"``, ``"orthogonal"``, ``"householder"`` or
+            ``"triangular"``.
+        columns: orthogonal Sylvester: columns of Q (default: ``dim``).
+        reflections: Householder Sylvester: reflections per layer (default: the transform's).
+        fast: ``"sampling"`` (default) or ``"density"``.
+        base: see :class:`Flow`.
+
+    References:
+        Variational Inference with Normalizing Flows (Rezende and Mohamed, 2015); Sylvester
+        Normalizing Flows for Variational Inference (van den Berg, Hasenclever, Tomczak and
+        Welling, 2018).
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> flow = pf.SylvesterFlow(dim=4, layers=2, kind="householder")
+        >>> flow().rsample((3,)).shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        layers: int = 4,
+        context_dim: int = 0,
+        kind: str = "orthogonal",
+        columns: int | None = None,
+        reflections: int | None = None,
+        fast: str = "sampling",
+        base: str | nn.Module = "normal",
+    ) -> None:
+        if kind not in SYLVESTER_KINDS:
+            raise ValueError(f"kind: expected one of {SYLVESTER_KINDS}; got {kind!r}")
+
+        def block(i: int) -> FlowTransform:
+            if kind == "planar":
+                return Planar(dim, context_dim)
+            if kind == "radial":
+                return Radial(dim, context_dim)
+            options: dict[str, Any] = {}
+            if kind == "orthogonal" and columns is not None:
+                options["columns"] = columns
+            if kind == "householder" and reflections is not None:
+                options["reflections"] = reflections
+            if kind == "triangular":
+                options["flip"] = bool(i % 2)
+            return Sylvester(dim, kind, context_dim, **options)
+
+        blocks = [_oriented(block(i), fast) for i in range(_check_layers(layers))]
+        config = {"dim": dim, "layers": layers, "context_dim": context_dim, "kind": kind}
+        config.update(columns=columns, reflections=reflections, fast=fast, base=base)
+        super().__init__(blocks, dim, context_dim, base, config=config)
+
+
+SYLVESTER_KINDS = ("planar", "radial", "orthogonal", "householder", "triangular")
+
+
 # -- the builder table ----------------------------------------------------------------------------
 _BUILTIN = {
     "nice": NICE,
@@ -832,6 +1101,10 @@ _BUILTIN = {
     "iaf": IAF,
     "nsf": NSF,
     "linear": LinearFlow,
+    "naf": NAF,
+    "bnaf": BNAF,
+    "residual": ResidualFlow,
+    "sylvester": SylvesterFlow,
     "glow": Glow,
     "image_realnvp": ImageRealNVP,
 }
@@ -946,7 +1219,7 @@ def vector_builders() -> dict[str, type[Flow]]:
     Example:
         >>> from pyroflows.flows import vector_builders
         >>> sorted(vector_builders())  # the built-in ones
-        ['iaf', 'linear', 'maf', 'nice', 'nsf', 'realnvp']
+        ['bnaf', 'iaf', 'linear', 'maf', 'naf', 'nice', 'nsf', 'realnvp', 'residual', 'sylvester']
     """
     return {name: cls for name, cls in _BUILDERS.items() if not cls.image_builder}
 

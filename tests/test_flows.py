@@ -26,6 +26,21 @@ BUILDERS = {
     "NSF-autoregressive": lambda **kw: pf.NSF(2, **SMALL, bins=6, autoregressive=True, **kw),
     "LinearFlow": lambda **kw: pf.LinearFlow(2, layers=2, **kw),
     "LinearFlow-qr": lambda **kw: pf.LinearFlow(2, layers=2, linear="qr", **kw),
+    "NAF": lambda **kw: pf.NAF(2, **SMALL, units=4, **kw),
+    "NAF-ddsf": lambda **kw: pf.NAF(2, **SMALL, transformer="ddsf", units=4, **kw),
+    "BNAF": lambda **kw: pf.BNAF(2, layers=2, hidden_factor=4, **kw),
+    "ResidualFlow": lambda **kw: pf.ResidualFlow(2, **SMALL, **kw),
+    "SylvesterFlow-orthogonal": lambda **kw: pf.SylvesterFlow(2, layers=2, fast="density", **kw),
+    "SylvesterFlow-householder-density": lambda **kw: pf.SylvesterFlow(
+        2, layers=2, kind="householder", fast="density", **kw
+    ),
+    "SylvesterFlow-triangular": lambda **kw: pf.SylvesterFlow(
+        2, layers=3, kind="triangular", fast="density", **kw
+    ),
+    "SylvesterFlow-planar": lambda **kw: pf.SylvesterFlow(2, layers=4, kind="planar", **kw),
+    "SylvesterFlow-radial": lambda **kw: pf.SylvesterFlow(
+        2, layers=4, kind="radial", fast="density", **kw
+    ),
 }
 NAMES = sorted(BUILDERS)
 CONDITIONS = [0, 1]  # context_dim
@@ -438,7 +453,10 @@ def test_the_builder_table():
     table = pf.flows.BUILDERS
     assert table["nsf"] is pf.NSF and table["glow"] is pf.Glow
     assert table["image_realnvp"] is pf.flows.ImageRealNVP
-    assert sorted(pf.flows.vector_builders()) == ["iaf", "linear", "maf", "nice", "nsf", "realnvp"]
+    assert sorted(pf.flows.vector_builders()) == [
+        *("bnaf", "iaf", "linear", "maf", "naf", "nice", "nsf", "realnvp", "residual"),
+        "sylvester",
+    ]
     assert all(pf.flows.builder_name(cls) == name for name, cls in table.items())
     assert pf.flows.builder_name(pf.Flow) is None
     assert pf.Flow([pf.transforms.Reverse(2)], dim=2).config is None  # assembled by hand

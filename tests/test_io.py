@@ -17,6 +17,10 @@ BUILDERS = {
     "NSF": lambda cd: pf.NSF(3, layers=2, hidden=(8,), bins=4, context_dim=cd),
     "NSF-AR": lambda cd: pf.NSF(3, layers=2, hidden=(8, 8), autoregressive=True, context_dim=cd),
     "LinearFlow": lambda cd: pf.LinearFlow(3, layers=2, context_dim=cd, linear="qr"),
+    "NAF": lambda cd: pf.NAF(3, layers=2, hidden=(8,), units=4, context_dim=cd),
+    "BNAF": lambda cd: pf.BNAF(3, layers=2, hidden_factor=4, context_dim=cd, fast="sampling"),
+    "ResidualFlow": lambda cd: pf.ResidualFlow(3, layers=2, hidden=(8,), context_dim=cd),
+    "SylvesterFlow": lambda cd: pf.SylvesterFlow(3, layers=2, kind="householder", context_dim=cd),
 }
 #: the names under which config.json records each builder (pyroflows.flows.BUILDERS)
 SAVED_NAMES = {
@@ -26,6 +30,10 @@ SAVED_NAMES = {
     "IAF": "iaf",
     "NSF": "nsf",
     "LinearFlow": "linear",
+    "NAF": "naf",
+    "BNAF": "bnaf",
+    "ResidualFlow": "residual",
+    "SylvesterFlow": "sylvester",
 }
 
 

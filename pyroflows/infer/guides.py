@@ -71,6 +71,8 @@ __all__ = [
 #: The built-in names ``AutoFlowGuide(flow=NAME)`` accepts: the vector builders of
 #: :data:`pyroflows.flows.BUILDERS` (builders registered later are accepted too).
 FLOWS = tuple(vector_builders())
+#: The built-in flows whose inverse (what STL and DReG need) is an iterative solve.
+NUMERICAL_FLOWS = ("naf", "bnaf", "residual", "sylvester")
 COVARIANCES = ("auto", "full", "diagonal")
 #: ``covariance="auto"`` keeps a full lower-Cholesky factor up to this many latent dimensions
 #: (its cost per sample is O(latent_dim²)), a diagonal scale beyond.
@@ -234,6 +236,9 @@ def _named_flow(name: str, dim: int, layers: int, hidden: Sequence[int], flow_kw
     if "actnorm" in takes:
         # off: in VI there is no data batch to initialise it from (see _declare_actnorm)
         kwargs["actnorm"] = False
+    # A guide samples (and scores its own samples): the sampling direction is to be one pass.
+    if "fast" in takes:
+        kwargs["fast"] = "sampling"
     if "autoregressive" in takes and dim < 2:
         kwargs["autoregressive"] = True  # one latent dimension cannot be split for coupling
     kwargs.update(flow_kwargs)
@@ -557,11 +562,20 @@ class AutoFlowGuide(AutoContinuous):
         lower gap with time in more dimensions. Before the guide is set up (``latent_dim``
         unknown) an IAF gets the ELBO.
         """
-        sequential = self._flow_spec[0] == "iaf" or (
-            getattr(self, "flow", None) is not None
-            and any(getattr(m, "orientation", None) == "iaf" for m in self.flow.modules())
+        flow = getattr(self, "flow", None)
+        modules = list(flow.modules()) if flow is not None else []
+        sequential = self._flow_spec[0] == "iaf" or any(
+            getattr(m, "orientation", None) == "iaf" for m in modules
         )
-        if sequential and getattr(self, "latent_dim", math.inf) > STL_SEQUENTIAL_MAX_DIM:
+        # Scoring detached draws inverts the flow: an iterative solve (NAF, BNAF, residual,
+        # planar/radial/Sylvester) costs tens of passes per step, so those train with the ELBO,
+        # which scores the draws from the flow's cache.
+        numerical = self._flow_spec[0] in NUMERICAL_FLOWS or any(
+            getattr(m, "inverse_kind", None) == "numerical" for m in modules
+        )
+        if numerical or (
+            sequential and getattr(self, "latent_dim", math.inf) > STL_SEQUENTIAL_MAX_DIM
+        ):
             return pyro.infer.Trace_ELBO(num_particles=DEFAULT_PARTICLES, vectorize_particles=True)
         return STL_ELBO(num_particles=DEFAULT_PARTICLES)
 

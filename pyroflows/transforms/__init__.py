@@ -3,7 +3,8 @@
 The contract they keep is written once, in :class:`FlowTransform`. Coupling, autoregressive and
 image-coupling transforms take their elementwise map as an argument (an
 :class:`ElementwiseMap`: :class:`Affine`, :class:`Additive`, :class:`RationalQuadraticSpline`,
-:class:`RationalLinearSpline`, or one of your own), e.g. ``Coupling(dim, Affine())``; the named
+:class:`RationalLinearSpline`, the neural autoregressive :class:`DSF` and :class:`DDSF`, or one
+of your own), e.g. ``Coupling(dim, Affine())``; the named
 classes (``AffineCoupling``, ``SplineAutoregressive``, ...) are those with a fixed map.
 """
 
@@ -26,6 +27,8 @@ from .inverted import Inverted
 from .linear import LULinear, Permutation, QRLinear, Reverse
 from .maps import Additive, Affine, ElementwiseMap
 from .multiscale import FactorOut, Squeezed
+from .naf import BNAF, DDSF, DSF
+from .residual import Residual
 from .solvers import InverseNotConverged
 from .splines import (
     RationalLinearSpline,
@@ -35,8 +38,12 @@ from .splines import (
     rational_linear_spline,
     rational_quadratic_spline,
 )
+from .sylvester import Planar, Radial, Sylvester
 
 __all__ = [
+    "BNAF",
+    "DDSF",
+    "DSF",
     "ActNorm",
     "ActNorm2d",
     "Additive",
@@ -63,9 +70,12 @@ __all__ = [
     "MaskedAutoregressive",
     "ParameterState",
     "Permutation",
+    "Planar",
     "QRLinear",
+    "Radial",
     "RationalLinearSpline",
     "RationalQuadraticSpline",
+    "Residual",
     "Reverse",
     "Sigmoid",
     "SinhArcsinh",
@@ -73,6 +83,7 @@ __all__ = [
     "SplineCoupling",
     "Squeeze",
     "Squeezed",
+    "Sylvester",
     "coupling_mask",
     "has_inverse",
     "image_mask",

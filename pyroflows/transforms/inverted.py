@@ -22,7 +22,8 @@ class Inverted(FlowTransform):
     context, when there is one, is passed on. Which direction is fast swaps with it: a
     transform whose forward pass is one network evaluation and whose inverse is numerical (a
     BNAF, a residual block) becomes one whose *inverse* is the network evaluation, i.e. the
-    density direction of a flow. ``inverse_kind`` is the wrapped transform's.
+    density direction of a flow. Its own inverse is the wrapped forward map, a closed form:
+    ``inverse_kind`` is ``"exact"``.
 
     Args:
         transform: a :class:`FlowTransform` over vectors (``event_dim = 1``) that does not change
@@ -63,7 +64,7 @@ class Inverted(FlowTransform):
         self.transform = transform
         self.domain = transform.codomain
         self.codomain = transform.domain
-        self.inverse_kind = transform.inverse_kind
+        self.inverse_kind = "exact"  # the wrapped forward map
         if hasattr(transform, "sign"):
             self._sign = transform.sign
 

@@ -17,6 +17,7 @@ spline maps (:class:`~pyroflows.transforms.RationalQuadraticSpline`,
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -64,6 +65,8 @@ class ElementwiseMap(nn.Module, metaclass=ABCMeta):
       log|det| of the inverse, ``-ladj`` at the corresponding point;
     * optionally ``volume_preserving = True`` when ``ladj`` is 0 whatever ``x`` and ``h``, so
       that a transform can skip its conditioner when only log|det J| is asked for;
+    * ``inverse_kind = "numerical"`` when :meth:`inverse` solves iteratively (the neural
+      autoregressive maps), so that what scores detached draws (STL, DReG) can avoid it;
     * an ``extra_repr`` naming its settings.
 
     **Promises a map keeps**
@@ -87,6 +90,9 @@ class ElementwiseMap(nn.Module, metaclass=ABCMeta):
         >>> torch.equal(y, x), ladj.shape
         (True, torch.Size([5]))
     """
+
+    #: ``"exact"`` (closed-form inverse) or ``"numerical"`` (an iterative solve)
+    inverse_kind: ClassVar[str] = "exact"
 
     params_per_feature: int
     param_major: bool = False

@@ -77,6 +77,7 @@ class _SigmoidalMap(ElementwiseMap):
     (elementwise, of the broadcast shape)."""
 
     param_major = False
+    inverse_kind = "numerical"
 
     def __init__(self, log_slope_bound: float, shift_bound: float, min_derivative: float):
         super().__init__()
