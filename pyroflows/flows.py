@@ -834,6 +834,8 @@ class LinearFlow(Flow):
 
 
 # -- flows with numerical inverses (NAF, BNAF, residual, planar/radial/Sylvester) -----------------
+#: The values of the new builders' ``fast``: which direction is one network pass (the other is
+#: a numerical solve). ``"density"``: data -> base (``log_prob``); ``"sampling"``: base -> data.
 FAST = ("density", "sampling")
 
 
@@ -1090,6 +1092,7 @@ class SylvesterFlow(Flow):
         super().__init__(blocks, dim, context_dim, base, config=config)
 
 
+#: The layers :class:`SylvesterFlow` builds (its ``kind``).
 SYLVESTER_KINDS = ("planar", "radial", "orthogonal", "householder", "triangular")
 
 

@@ -27,7 +27,6 @@ BUILDERS = {
     "LinearFlow": lambda **kw: pf.LinearFlow(2, layers=2, **kw),
     "LinearFlow-qr": lambda **kw: pf.LinearFlow(2, layers=2, linear="qr", **kw),
     "NAF": lambda **kw: pf.NAF(2, **SMALL, units=4, **kw),
-    "NAF-ddsf": lambda **kw: pf.NAF(2, **SMALL, transformer="ddsf", units=4, **kw),
     "BNAF": lambda **kw: pf.BNAF(2, layers=2, hidden_factor=4, **kw),
     "ResidualFlow": lambda **kw: pf.ResidualFlow(2, **SMALL, **kw),
     "SylvesterFlow-orthogonal": lambda **kw: pf.SylvesterFlow(2, layers=2, fast="density", **kw),
