@@ -1,8 +1,9 @@
 """Smoke test of ``benchmarks/vae.py``: its main runs end to end on a tiny configuration.
 
 Checks plumbing (data loading, the minibatch calling convention of ``fit_svi``, ELBO and
-IWAE-DReG training of Gaussian, IAF and NSF posteriors, per-image ``log_evidence``, the table),
-not fit quality. Skipped when the shared binarized MNIST file is absent.
+IWAE-DReG training of Gaussian, IAF and NSF posteriors, ELBO training of the planar and
+Sylvester posteriors, per-image importance sampling, the table), not fit quality. Skipped when
+the shared binarized MNIST file is absent.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ pytestmark = pytest.mark.skipif(
 def test_main_runs_every_configuration(capsys):
     argv = [
         "--quick",
+        "--configs", "all",
         "--steps", "6",
         "--train-images", "300",
         "--valid-images", "50",
@@ -50,11 +52,41 @@ def test_main_runs_every_configuration(capsys):
         assert r.log_px.shape == (4,)
         assert math.isfinite(r.mean) and r.mean < 0
         assert math.isfinite(r.se)
+        assert r.elbo.shape == (4,) and r.elbo_mean <= r.mean + 1e-9  # ELBO <= log p(x) per image
         assert r.best_valid is not None and math.isfinite(r.best_valid)
     out = capsys.readouterr().out
-    assert "test log p(x)" in out and "nsf-iwae" in out and "Literature" in out
+    assert "test -log p(x)" in out and "nsf-iwae" in out and "t-snf-elbo" in out
+    assert "Literature" in out and "van den Berg" in out
+
+
+def test_config_groups():
+    assert V.parse_args([]).configs == list(V.DEFAULT_CONFIGS)
+    assert V.parse_args(["--configs", "table1"]).configs == list(V.TABLE1)
+    assert V.parse_args(["--configs", "gauss-elbo,table1"]).configs == list(V.TABLE1)
+    assert V.parse_args(["--configs", "all"]).configs == list(V.CONFIGS)
+    assert V.TABLE1 == (
+        "gauss-elbo", "iaf-elbo", "planar-elbo", "o-snf-elbo", "h-snf-elbo", "t-snf-elbo"
+    )  # fmt: skip
+
+
+def test_sylvester_posteriors_follow_the_paper():
+    import pyroflows as pf
+
+    z = 40
+    for kind, columns in (("planar", None), ("o-snf", 32), ("h-snf", z), ("t-snf", z)):
+        flow = V.posterior_flow(kind, z, V.FLOW_HIDDEN)
+        assert isinstance(flow, pf.SylvesterFlow) and len(flow.transforms) == 16
+        assert flow.context_dim == V.HIDDEN
+        if columns is not None:
+            assert all(t.columns == columns for t in flow.transforms)
+    flow = V.posterior_flow("h-snf", z, V.FLOW_HIDDEN)
+    assert all(t.reflections == 8 for t in flow.transforms)
+    flow = V.posterior_flow("o-snf", 4, V.FLOW_HIDDEN)  # M = z_dim when z_dim < 32
+    assert all(t.columns == 4 for t in flow.transforms)
 
 
 def test_unknown_config_is_an_error():
     with pytest.raises(SystemExit):
         V.parse_args(["--configs", "gauss-elbo,flow-magic"])
+    with pytest.raises(SystemExit):
+        V.parse_args(["--configs", "o-snf-iwae"])  # the Sylvester posteriors: ELBO only
