@@ -95,7 +95,8 @@ def _bisect_newton(f, y, params, lower, upper, tol, max_iter, what):
         hi = torch.where(r > 0, x, hi)
         step = r / dfx.clamp_min(torch.finfo(dtype).tiny)
         newton = x - step
-        inside = (newton > lo) & (newton < hi) & torch.isfinite(newton)
+        # (a step below one ulp lands on a bracket end: accepted, not bisected away)
+        inside = (newton >= lo) & (newton <= hi) & torch.isfinite(newton)
         new = torch.where(inside, newton, (lo + hi) / 2)
         change = (new - x).abs()
         x = new
