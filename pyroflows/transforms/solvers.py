@@ -95,8 +95,10 @@ def _bisect_newton(f, y, params, lower, upper, tol, max_iter, what):
         hi = torch.where(r > 0, x, hi)
         step = r / dfx.clamp_min(torch.finfo(dtype).tiny)
         newton = x - step
-        # (a step below one ulp lands on a bracket end: accepted, not bisected away)
-        inside = (newton >= lo) & (newton <= hi) & torch.isfinite(newton)
+        # A step within the tolerance is taken even when it lands on a bracket end (a step
+        # below one ulp does), rather than bisecting away from a root already found.
+        small = step.abs() <= tolerance * x.abs().clamp_min(1.0)
+        inside = (((newton > lo) & (newton < hi)) | small) & torch.isfinite(newton)
         new = torch.where(inside, newton, (lo + hi) / 2)
         change = (new - x).abs()
         x = new
