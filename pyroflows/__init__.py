@@ -5,7 +5,7 @@ Transforms are Pyro ``TransformModule``\\ s (:mod:`pyroflows.transforms`); flows
 a Pyro distribution: ``flow()`` or, for a conditional flow, ``flow(context)``.
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 from . import bases, datasets, diagnostics, engine, flows, images, infer, nn, transforms
 from .engine import CheckpointError, History, TrainingDiverged, TrainStep
