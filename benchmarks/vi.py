@@ -25,7 +25,8 @@ From posteriordb (``benchmarks/posteriors.py``; log Z unknown, so the ELBO is sh
 are compared with the reference NUTS draws): ``eight_schools``, ``kidiq``, ``mesquite``, ``arK``,
 ``diamonds``, ``gp_pois_regr``, ``low_dim_gauss_mix``, ``garch``.
 
-Guides (``--guides``; all by default):
+Guides (``--guides``; by default all but the ``pf-<flow>`` guides of issue 17, ``all`` for every
+one, ``pf-flows`` for ``pf-defaults`` and the ``pf-<flow>`` guides):
 
 * ``pf-defaults``: exactly ``pf.infer.fit_svi(model, pf.infer.AutoFlowGuide(model), steps=N)``:
   pyroflows' defaults (objective, particles, optimiser, learning rate, flow, start), whichever
@@ -37,6 +38,14 @@ Guides (``--guides``; all by default):
   compiles from empty caches (``--compile-cache cold``: a fresh ``TORCHINDUCTOR_CACHE_DIR`` and
   the in-memory caches cleared), as a user's first run does and as JAX does (no persistent
   cache); ``--compile-cache warm`` keeps the machine's inductor cache.
+* ``pf-nsf``, ``pf-naf``, ``pf-bnaf``, ``pf-sylvester``: the same as ``pf-defaults`` with
+  ``AutoFlowGuide(model, flow=...)`` (``"nsf"``, ``"naf"``, ``"bnaf"``, ``"sylvester"``) and
+  nothing else set: the guide's 5 layers, its hidden widths where the builder takes them (NSF,
+  NAF: (64, 64); BNAF: the builder's ``hidden_factor=8``, ``depth=2``; Sylvester: orthogonal,
+  ``dim`` columns), ``fit_svi``'s defaults (the guide's default objective: STL for NSF, the
+  vectorised ``Trace_ELBO`` for the numerical-inverse flows, which AutoFlowGuide builds in the
+  sampling-fast orientation). ``--guides pf-flows`` (those and ``pf-defaults``) on the synthetic
+  targets, seeds 0, 1, 2: about 13 min.
 * ``AutoIAFNormal`` (``num_transforms=3``, ``hidden_dim=[64, 64]``), ``AutoNormal``, ``AutoMVN``
   (``AutoMultivariateNormal``), ``AutoNF-spline`` (``AutoNormalizingFlow`` with 3
   ``spline_autoregressive`` layers, hidden ``[64, 64]``, 8 bins, bound 5): Pyro's autoguides with
@@ -115,10 +124,12 @@ SYNTHETIC = ("funnel10", "banana2", "banana10", "mixture2", "mixture10")
 POSTERIORDB = tuple(posteriors.FOLDERS)
 ALL_TARGETS = SYNTHETIC + POSTERIORDB
 QUICK_TARGETS = ("mixture2", "garch")  # --quick: one synthetic target, one with flat priors
-PF_GUIDES = ("pf-defaults", "pf-compile")
+PF_FLOWS = {"pf-nsf": "nsf", "pf-naf": "naf", "pf-bnaf": "bnaf", "pf-sylvester": "sylvester"}
+PF_GUIDES = ("pf-defaults", "pf-compile", *PF_FLOWS)
 PYRO_GUIDES = ("AutoIAFNormal", "AutoNormal", "AutoMVN", "AutoNF-spline")
 PEER_GUIDES = ("NumPyro-IAF", "NumPyro-BNAF", "FlowJAX-MAF")  # numpyro_peers.PEERS
 ALL_GUIDES = PF_GUIDES + PYRO_GUIDES + PEER_GUIDES
+DEFAULT_GUIDES = tuple(g for g in ALL_GUIDES if g not in PF_FLOWS)
 PEERS_SCRIPT = Path(__file__).resolve().parent / "numpyro_peers.py"
 
 
@@ -332,7 +343,8 @@ def fit_pf(target: Target, kind: str, seed: int, args: argparse.Namespace, recor
     ):
         warnings.simplefilter("always")
         t0 = time.perf_counter()
-        guide = pf.infer.AutoFlowGuide(target.model)
+        flow = {"flow": PF_FLOWS[kind]} if kind in PF_FLOWS else {}
+        guide = pf.infer.AutoFlowGuide(target.model, **flow)
         pf.infer.fit_svi(
             target.model,
             guide,
@@ -671,10 +683,13 @@ def print_matrix(all_rows: dict[str, list[Row]], guides: Sequence[str]) -> None:
 
 
 def parse_list(parser, option: str, text: str, allowed: Sequence[str]) -> list[str]:
-    groups = {"synthetic": SYNTHETIC, "posteriordb": POSTERIORDB, "all": ALL_TARGETS}
+    if option == "--targets":
+        groups = {"synthetic": SYNTHETIC, "posteriordb": POSTERIORDB, "all": ALL_TARGETS}
+    else:
+        groups = {"all": ALL_GUIDES, "pf-flows": ("pf-defaults", *PF_FLOWS)}
     items: list[str] = []
     for item in (t.strip() for t in text.split(",")):
-        if item in groups and option == "--targets":
+        if item in groups:
             items += groups[item]
         elif item in allowed:
             items.append(item)
@@ -695,7 +710,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--targets", default=None, help="names, or synthetic (default), posteriordb, all"
     )
-    parser.add_argument("--guides", default=None, help="default: all (--quick: no pf-compile)")
+    parser.add_argument(
+        "--guides",
+        default=None,
+        help="names, or all, or pf-flows (default: all but the pf-<flow> guides; --quick: "
+        "no pf-compile)",
+    )
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2)")
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--particles", type=int, default=PARTICLES, help="Pyro's and the peers'")
@@ -719,8 +739,8 @@ def main(argv: list[str] | None = None) -> None:
         args.targets or ",".join(QUICK_TARGETS if args.quick else SYNTHETIC),
         ALL_TARGETS,
     )
-    quick_guides = [g for g in ALL_GUIDES if g != "pf-compile"]  # its compilation takes a minute
-    default_guides = quick_guides if args.quick else ALL_GUIDES
+    quick_guides = [g for g in DEFAULT_GUIDES if g != "pf-compile"]  # compiling takes a minute
+    default_guides = quick_guides if args.quick else DEFAULT_GUIDES
     guides = parse_list(parser, "--guides", args.guides or ",".join(default_guides), ALL_GUIDES)
     seeds = [int(s) for s in (args.seeds or ("0" if args.quick else "0,1,2")).split(",") if s]
     if "pf-compile" in guides and "compile" not in inspect.signature(pf.infer.fit_svi).parameters:
@@ -736,7 +756,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"{args.steps} steps; Pyro's guides and the peers: {args.particles} particles, Adam lr "
-        f"{args.lr:g}; pf-defaults: fit_svi's defaults; seeds {seeds} (pf-compile: "
+        f"{args.lr:g}; pf-*: fit_svi's defaults; seeds {seeds} (pf-compile: "
         f"{'all' if args.compile_seeds == 'all' else 'the first'}); statistics from {args.eval} "
         f"draws, IWAE K={IWAE_K}" + (" (QUICK: smoke check only)" if args.quick else "")
     )
