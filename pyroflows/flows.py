@@ -926,6 +926,11 @@ class BNAF(Flow):
     (NumPyro's ``AutoBNAFNormal``; :class:`~pyroflows.infer.AutoFlowGuide` with
     ``flow="bnaf"`` builds that).
 
+    **Learning rate.** Weight normalisation makes each step of the raw weights scale-free, and at
+    :func:`~pyroflows.fit`'s default ``lr=1e-3`` a BNAF learns slowly: on the 2-D ring
+    (``benchmarks/density.py``, 1500 steps, 87k parameters) its KL gap was 1.56 nats at 1e-3 and
+    0.39 at ``lr=1e-2``. Start at 1e-2.
+
     Args:
         dim: number of features.
         layers: number of BNAF transforms.
@@ -977,6 +982,13 @@ class ResidualFlow(Flow):
     ``log_prob`` stochastic), and a fixed-point inverse. ``fast="density"`` (default) puts the
     block's evaluation in the density direction (data -> base, as in the papers); sampling
     then iterates to the fixed point (about ``log(tol) / log(Lip)`` passes per block).
+
+    **Depth and learning rate.** Each block moves points by a contraction, so a residual flow
+    needs many blocks, and spectral normalisation makes the raw weights' steps scale-free: on
+    the 2-D ring (``benchmarks/density.py``, 1500 steps, about 85k parameters) 5 blocks of
+    (128, 128) reached a KL gap of 1.87 nats at :func:`~pyroflows.fit`'s default ``lr=1e-3``
+    and 0.21 at ``lr=1e-2``; 20 blocks of (62, 62) reached 0.17 and 0.025 (the best of every
+    flow there). Prefer more, narrower blocks, and start at ``lr=1e-2``.
 
     Args:
         dim: number of features.

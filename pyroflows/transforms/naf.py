@@ -381,8 +381,14 @@ class _MaskedBlockLinear(nn.Module):
         self.register_buffer("below", below, persistent=False)
 
     def evaluate(
-        self, v: torch.Tensor, grad: torch.Tensor | None, weight, log_scale, bias
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self,
+        v: torch.Tensor,
+        grad: torch.Tensor | None,
+        weight,
+        log_scale,
+        bias,
+        values_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``W v + bias`` and ``log ∂(W v)_i-block/∂x_i`` from ``grad = log ∂v_i-block/∂x_i``.
 
         ``v``: ``(..., dim * in_block)``; ``grad``: ``(..., dim, in_block)`` or ``None`` for the
@@ -404,6 +410,8 @@ class _MaskedBlockLinear(nn.Module):
         log_norm = 0.5 * raw.square().sum(-1, keepdim=True).log()
         w = raw * (log_scale.unsqueeze(-1) - log_norm).exp()
         out = v @ w.transpose(-1, -2) + bias
+        if values_only:  # (a numerical inverse needs the values only: 30x cheaper)
+            return out, None
         # log of the positive diagonal blocks, (dim, out_block, in_block)
         log_diag = (log_scale.unsqueeze(-1) + weight - top - log_norm)[self.diagonal]
         log_diag = log_diag.view(self.dim, self.out_block, self.in_block)
@@ -542,21 +550,25 @@ class BNAF(FlowTransform):
         return tensors
 
     def _network(
-        self, x: torch.Tensor, context: torch.Tensor | None, tensors
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``y`` and ``log ∂y_i/∂x_i`` (shape ``(..., dim)``) from the parameters ``tensors``."""
+        self, x: torch.Tensor, context: torch.Tensor | None, tensors, values_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``y`` and ``log ∂y_i/∂x_i`` (shape ``(..., dim)``) from the parameters ``tensors``
+        (``y`` and ``None`` with ``values_only``)."""
         skip, *rest = tensors
         v, grad = x, None
         for k, linear in enumerate(self.linears):
             weight, log_scale, bias = rest[3 * k : 3 * k + 3]
-            v, grad = linear.evaluate(v, grad, weight, log_scale, bias)
+            v, grad = linear.evaluate(v, grad, weight, log_scale, bias, values_only)
             if k == 0 and context is not None:
                 v = v + context @ rest[-1].transpose(-1, -2)
             if k < len(self.linears) - 1:
-                grad = grad + _log_tanh_derivative(v).unflatten(-1, grad.shape[-2:])
+                if not values_only:
+                    grad = grad + _log_tanh_derivative(v).unflatten(-1, grad.shape[-2:])
                 v = torch.tanh(v)
         log_skip = _soft_clamp(skip, self.log_scale_bound)
         y = log_skip.exp() * x + v
+        if values_only:
+            return y, None
         return y, torch.logaddexp(log_skip, grad.squeeze(-1))
 
     def _check_context_batch(self, v: torch.Tensor, context) -> torch.Tensor:
@@ -585,7 +597,7 @@ class BNAF(FlowTransform):
                 ctx, weights = (rest[0], rest[1:]) if extra else (None, rest)
                 later = xi.new_zeros(()).expand(*xi.shape, dim - i - 1)
                 x = torch.cat([*(p.unsqueeze(-1) for p in previous), xi.unsqueeze(-1), later], -1)
-                return self._network(x, ctx, weights)[0][..., i]
+                return self._network(x, ctx, weights, values_only=True)[0][..., i]
 
             params = (*solved, *extra, *tensors)
             solved.append(monotone_inverse(f, y[..., i], params, what=type(self).__name__))
