@@ -184,10 +184,10 @@ class Distributed:
         values = self.gather(value)
         for rank, other in enumerate(values):
             if other != values[0]:
+                ours, theirs = _first_difference(values[0], other)
                 raise DistributedError(
-                    f"distributed: {what} differs between ranks: rank 0 has "
-                    f"{_first_difference(values[0], other)[0]}, rank {rank} has "
-                    f"{_first_difference(values[0], other)[1]}. {advice}"
+                    f"distributed: {what} differs between ranks: rank 0 has {ours}, rank "
+                    f"{rank} has {theirs}. {advice}"
                 )
 
     # -- tensors ---------------------------------------------------------------------------------

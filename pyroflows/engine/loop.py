@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyro
 import torch
 from tqdm.auto import tqdm
 
@@ -397,8 +398,6 @@ class _Run:
 
 
 def _seed_everything(seed: int) -> None:
-    import pyro
-
     pyro.set_rng_seed(seed % 2**32)
 
 
