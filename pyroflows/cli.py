@@ -34,6 +34,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -421,11 +422,18 @@ def _split(args: argparse.Namespace, x: torch.Tensor, truth: Toy | None):
 
 def _build_flow(args: argparse.Namespace, dim: int) -> Flow:
     name = args.flow
+    builder = vector_builders()[name]
+    takes = inspect.signature(builder).parameters
     kwargs: dict[str, Any] = {}
-    if args.layers is not None:
-        kwargs["layers"] = args.layers
-    if args.hidden is not None:
-        kwargs["hidden"] = args.hidden
+    for option, value in (("layers", args.layers), ("hidden", args.hidden)):
+        if value is None:
+            continue
+        if option not in takes:
+            raise UsageError(
+                f"--{option}: --flow {name} ({builder.__name__}) has no {option!r} option; "
+                "leave it out"
+            )
+        kwargs[option] = value
     if name == "nsf":
         if args.bins is not None:
             kwargs["bins"] = args.bins
@@ -434,7 +442,7 @@ def _build_flow(args: argparse.Namespace, dim: int) -> Flow:
     elif args.bins is not None or args.autoregressive:
         option = "--bins" if args.bins is not None else "--autoregressive"
         raise UsageError(f"{option}: applies to --flow nsf only; got --flow {name}")
-    return vector_builders()[name](dim, **kwargs)
+    return builder(dim, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -272,6 +272,8 @@ ERRORS = {
     "bad hidden": (["fit", "builtin:ring", "--hidden", "64,x", "--out", "{d}/o"], "--hidden"),
     "bins for maf": (["fit", "builtin:ring", "--flow", "maf", "--bins", "4", "--out", "{d}/o"],
                      "--bins"),
+    "hidden for bnaf": (["fit", "builtin:ring", "--flow", "bnaf", "--hidden", "8",
+                         "--out", "{d}/o"], "--hidden: --flow bnaf (BNAF) has no 'hidden'"),
     "bad fraction": (["fit", "builtin:ring", "--test", "1.5", "--out", "{d}/o"], "--test"),
     "no training data left": (
         ["fit", "builtin:ring", "-n", "10", "--valid", "0.5", "--test", "0.5", "--out", "{d}/o"],
