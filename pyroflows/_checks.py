@@ -41,6 +41,18 @@ def broadcast_batch(
         ) from None
 
 
+def expand_to_context(v: torch.Tensor, context: torch.Tensor | None, name: str) -> torch.Tensor:
+    """Vectors ``v`` (``(*batch, dim)``) expanded to the batch shape they share with ``context``
+    (unchanged without one), for transforms whose every row needs its own context row.
+
+    Raises:
+        ValueError: when the two batch shapes do not broadcast (:func:`broadcast_batch`).
+    """
+    if context is None:
+        return v
+    return v.expand(*broadcast_batch(v, context, name), v.shape[-1])
+
+
 def check_positive(name: str, value: Any) -> float:
     """Return ``value`` if it is a positive finite number (not a bool); else a ``ValueError``."""
     if (

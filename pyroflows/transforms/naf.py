@@ -25,7 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import broadcast_batch, check_nonnegative_int, check_positive, check_positive_int
+from .._checks import (
+    check_nonnegative_int,
+    check_positive,
+    check_positive_int,
+    expand_to_context,
+)
 from .base import FlowTransform
 from .maps import ElementwiseMap
 from .solvers import monotone_inverse
@@ -571,20 +576,14 @@ class BNAF(FlowTransform):
             return y, None
         return y, torch.logaddexp(log_skip, grad.squeeze(-1))
 
-    def _check_context_batch(self, v: torch.Tensor, context) -> torch.Tensor:
-        if context is None:
-            return v
-        batch = broadcast_batch(v, context, type(self).__name__)
-        return v.expand(*batch, v.shape[-1])
-
     def _forward_and_log_det(self, x, context):
-        self._check_context_batch(x, context)
+        expand_to_context(x, context, type(self).__name__)
         y, log_diag = self._network(x, context, self._tensors())
         return y, log_diag.sum(-1)
 
     def _inverse_and_log_det(self, y, context):
         _check_finite(type(self).__name__, y)
-        y = self._check_context_batch(y, context)
+        y = expand_to_context(y, context, type(self).__name__)
         tensors = self._tensors()
         extra = [] if context is None else [context]
         dim = self.event_shape[0]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import broadcast_batch, check_nonnegative_int, check_positive_int
+from .._checks import check_nonnegative_int, check_positive_int, expand_to_context
 from ..nn import _check_hidden
 from .base import FlowTransform
 from .solvers import MAX_ITERATIONS, TOLERANCE, fixed_point_inverse
@@ -288,20 +288,14 @@ class Residual(FlowTransform):
         return self._g(x, *self._params(self._resolve_context(context)))
 
     # -- maps --------------------------------------------------------------------------------
-    def _broadcast(self, v: torch.Tensor, context) -> torch.Tensor:
-        if context is None:
-            return v
-        batch = broadcast_batch(v, context, type(self).__name__)
-        return v.expand(*batch, v.shape[-1])
-
     def _forward_and_log_det(self, x, context):
-        x = self._broadcast(x, context)
+        x = expand_to_context(x, context, type(self).__name__)
         params = self._params(context)
         g, slopes = self._g(x, *params, derivative=True)
         return x + g, self._log_det(x, params, slopes)
 
     def _inverse_and_log_det(self, y, context):
-        y = self._broadcast(y, context)
+        y = expand_to_context(y, context, type(self).__name__)
         params = self._params(context)
         x = fixed_point_inverse(
             self._g,
