@@ -145,12 +145,9 @@ class Step:
     def _step(self, inputs: tuple) -> torch.Tensor:
         # Once a graph is recorded, the gradients live in its memory: zero them in place.
         self.optimizer.zero_grad(set_to_none=self._graph is None)
-        if self.compile and self.calls > 0:
-            loss = self._loss_fn()(*inputs)
-            loss.backward()
-            loss = loss.detach()
-        elif self._ddp is not None:
-            loss = self._ddp(*inputs)
+        compiled = self.compile and self.calls > 0
+        if compiled or self._ddp is not None:  # the loss through torch.compile and/or DDP
+            loss = (self._loss_fn() if compiled else self._forward)(*inputs)
             loss.backward()
             loss = loss.detach()
         else:
