@@ -5,13 +5,14 @@ Transforms are Pyro ``TransformModule``\\ s (:mod:`pyroflows.transforms`); flows
 a Pyro distribution: ``flow()`` or, for a conditional flow, ``flow(context)``.
 """
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 from . import bases, datasets, diagnostics, engine, flows, images, infer, nn, transforms
 from .engine import CheckpointError, History, TrainingDiverged, TrainStep
 from .evaluation import evaluate
 from .flows import (
     BNAF,
+    CNF,
     IAF,
     MAF,
     NAF,
@@ -30,6 +31,7 @@ from .train import fit
 
 __all__ = [
     "BNAF",
+    "CNF",
     "IAF",
     "MAF",
     "NAF",

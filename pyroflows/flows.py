@@ -45,6 +45,7 @@ from .transforms import (
 )
 from .transforms.autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive
 from .transforms.base import FlowTransform, check_context
+from .transforms.continuous import CNF as CNFTransform
 from .transforms.image import (
     ActNorm2d,
     ImageAffineCoupling,
@@ -63,6 +64,7 @@ from .transforms.sylvester import Planar, Radial, Sylvester
 __all__ = [
     "BNAF",
     "BUILDERS",
+    "CNF",
     "IAF",
     "MAF",
     "NAF",
@@ -1108,6 +1110,125 @@ class SylvesterFlow(Flow):
 SYLVESTER_KINDS = ("planar", "radial", "orthogonal", "householder", "triangular")
 
 
+class CNF(Flow):
+    """A continuous normalizing flow: the base pushed along the ODE ``dx/dt = v(x, t[, context])``.
+
+    One :class:`~pyroflows.transforms.CNF` transform (FFJORD, Grathwohl et al. 2019) with the
+    default :class:`~pyroflows.transforms.VelocityField` (an MLP of ``x``, time features and the
+    context, starting at ``v = 0``). Sampling and ``log_prob`` each solve the ODE (torchdiffeq;
+    adaptive ``"dopri5"`` with ``atol = rtol = 1e-5`` by default) with the log-determinant
+    integrated alongside: exactly up to
+    :data:`~pyroflows.transforms.continuous.EXACT_TRACE_MAX_DIM` features, by Hutchinson's
+    estimate above (``trace``), which makes ``log_prob`` a stochastic estimate; evaluate with
+    ``with flow.options(trace="exact"): ...`` then.
+
+    Two ways to train it:
+
+    * maximum likelihood, ``pf.fit(flow, data)``: every step solves the ODE with the trace and
+      back-propagates through it (or by the adjoint method, ``adjoint=True``);
+    * flow matching, ``pf.fit(flow, data, loss="flow_matching")``
+      (:class:`~pyroflows.engine.FlowMatching`): regression of ``v`` on the straight paths from
+      base draws to data, no ODE solved during training (validation measures the exact
+      log-likelihood). Much cheaper per step, and the usual choice for larger problems.
+
+    As a variational posterior (``AutoFlowGuide(flow="cnf")``) every step solves the ODE
+    forward with the trace: it works, but costs tens of evaluations of ``v`` per step (see
+    ``docs/inference.md``).
+
+    Args:
+        dim: number of features.
+        hidden: hidden widths of the velocity field.
+        context_dim: size of the context (0: unconditional).
+        activation: ``"silu"`` (default), ``"tanh"`` or ``"softplus"``.
+        solver: torchdiffeq method: ``"dopri5"`` (default) or another adaptive one, or a
+            fixed-step ``"euler"``, ``"midpoint"``, ``"rk4"``.
+        atol: absolute tolerance of adaptive solvers.
+        rtol: relative tolerance of adaptive solvers.
+        steps: steps over ``[0, 1]`` of fixed-step solvers.
+        trace: ``"auto"``, ``"exact"`` or ``"hutchinson"``.
+        adjoint: gradients by the adjoint method (memory independent of the steps; slower).
+        base: see :class:`Flow` (the source of flow matching's paths).
+
+    Example:
+        >>> import torch
+        >>> import pyroflows as pf
+        >>> flow = pf.CNF(dim=2, hidden=(16, 16))
+        >>> d = flow()
+        >>> x = d.sample((5,))
+        >>> d.log_prob(x).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: Sequence[int] = (64, 64),
+        context_dim: int = 0,
+        activation: str = "silu",
+        solver: str = "dopri5",
+        atol: float = 1e-5,
+        rtol: float = 1e-5,
+        steps: int = 32,
+        trace: str = "auto",
+        adjoint: bool = False,
+        base: str | nn.Module = "normal",
+    ) -> None:
+        options = dict(solver=solver, atol=atol, rtol=rtol, steps=steps, trace=trace)
+        options.update(adjoint=adjoint, activation=activation)
+        transform = CNFTransform(dim, hidden, context_dim, **options)
+        config = {"dim": dim, "hidden": hidden, "context_dim": context_dim, **options}
+        super().__init__([transform], dim, context_dim, base, config={**config, "base": base})
+
+    @property
+    def transform(self) -> CNFTransform:
+        """The :class:`~pyroflows.transforms.CNF` transform (its field is ``transform.field``)."""
+        return self.transforms[0]
+
+    def options(self, **options: Any):
+        """Change the solver's or the trace's options for a ``with`` block.
+
+        See :meth:`pyroflows.transforms.CNF.options`.
+
+        Example:
+            >>> import torch, pyroflows as pf
+            >>> flow = pf.CNF(dim=2, hidden=(16,))
+            >>> with flow.options(solver="rk4", steps=10):
+            ...     flow().sample((3,)).shape
+            torch.Size([3, 2])
+        """
+        return self.transform.options(**options)
+
+    def sample_paths(
+        self,
+        sample_shape: torch.Size | tuple = (),
+        times: torch.Tensor | Sequence[float] | int = 33,
+        context: torch.Tensor | None = None,
+        *,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
+        """Base draws and the paths that carry them to samples (no log-densities computed).
+
+        Args:
+            sample_shape: the number of paths (as ``sample``'s).
+            times: times in ``[0, 1]`` at which to report the points, or their number.
+            context: for a conditional flow, ``(*batch, context_dim)``.
+            temperature: the base's temperature (see :meth:`Flow.forward`).
+
+        Returns:
+            ``(len(times), *sample_shape, *batch, dim)``; entry ``-1`` holds samples of the
+            flow and entry ``0`` the base draws. Without gradients.
+
+        Example:
+            >>> import pyroflows as pf
+            >>> pf.CNF(dim=2, hidden=(16,)).sample_paths((100,), times=5).shape
+            torch.Size([5, 100, 2])
+        """
+        context = self._check_context(context)
+        with torch.no_grad():
+            base = FlowDistribution.from_flow(self, context, temperature).base_dist
+            return self.transform.path(base.sample(sample_shape), times, context)
+
+
 # -- the builder table ----------------------------------------------------------------------------
 _BUILTIN = {
     "nice": NICE,
@@ -1120,6 +1241,7 @@ _BUILTIN = {
     "bnaf": BNAF,
     "residual": ResidualFlow,
     "sylvester": SylvesterFlow,
+    "cnf": CNF,
     "glow": Glow,
     "image_realnvp": ImageRealNVP,
 }
@@ -1233,8 +1355,11 @@ def vector_builders() -> dict[str, type[Flow]]:
 
     Example:
         >>> from pyroflows.flows import vector_builders
-        >>> sorted(vector_builders())  # the built-in ones
-        ['bnaf', 'iaf', 'linear', 'maf', 'naf', 'nice', 'nsf', 'realnvp', 'residual', 'sylvester']
+        >>> names = sorted(vector_builders())  # the built-in ones
+        >>> names[:6]
+        ['bnaf', 'cnf', 'iaf', 'linear', 'maf', 'naf']
+        >>> names[6:]
+        ['nice', 'nsf', 'realnvp', 'residual', 'sylvester']
     """
     return {name: cls for name, cls in _BUILDERS.items() if not cls.image_builder}
 

@@ -6,8 +6,8 @@ density) are short front-ends: each checks its arguments, builds a **loss** and 
 source**, and runs :func:`train`. The pieces, one concept per module:
 
 * :mod:`~pyroflows.engine.losses`: what is minimised, as objects (:class:`Loss` and its
-  implementations :class:`NegativeLogLikelihood`, :class:`ReverseKL`, :class:`SVILoss`). A new
-  way to train is a new loss.
+  implementations :class:`NegativeLogLikelihood`, :class:`ReverseKL`, :class:`SVILoss`,
+  :class:`FlowMatching`). A new way to train is a new loss.
 * :mod:`~pyroflows.engine.step`: one optimiser step of any loss, eager or compiled
   (:class:`Step`; :class:`TrainStep` is the maximum-likelihood step of a flow, public since
   0.1).
@@ -44,7 +44,7 @@ Example:
 from .checkpoint import Checkpoint, CheckpointError, name_of
 from .distributed import Distributed, DistributedError
 from .loop import DIVERGENCE, SYNC_EVERY, History, TrainingDiverged, train
-from .losses import Loss, NegativeLogLikelihood, ReverseKL, SVILoss
+from .losses import FlowMatching, Loss, NegativeLogLikelihood, ReverseKL, SVILoss
 from .optim import PyroOptimizer, make_optimizer, make_pyro_optimizer, schedule
 from .sources import Batch, Batches, Chunks, NoData
 from .step import Step, TrainStep
@@ -59,6 +59,7 @@ __all__ = [
     "Chunks",
     "Distributed",
     "DistributedError",
+    "FlowMatching",
     "History",
     "Loss",
     "NegativeLogLikelihood",

@@ -72,7 +72,7 @@ __all__ = [
 #: :data:`pyroflows.flows.BUILDERS` (builders registered later are accepted too).
 FLOWS = tuple(vector_builders())
 #: The built-in flows whose inverse (what STL and DReG need) is an iterative solve.
-NUMERICAL_FLOWS = ("naf", "bnaf", "residual", "sylvester")
+NUMERICAL_FLOWS = ("naf", "bnaf", "residual", "sylvester", "cnf")
 COVARIANCES = ("auto", "full", "diagonal")
 #: ``covariance="auto"`` keeps a full lower-Cholesky factor up to this many latent dimensions
 #: (its cost per sample is O(latent_dim²)), a diagonal scale beyond.
@@ -568,8 +568,8 @@ class AutoFlowGuide(AutoContinuous):
             getattr(m, "orientation", None) == "iaf" for m in modules
         )
         # Scoring detached draws inverts the flow: an iterative solve (NAF, BNAF, residual,
-        # planar/radial/Sylvester) costs tens of passes per step, so those train with the ELBO,
-        # which scores the draws from the flow's cache.
+        # planar/radial/Sylvester, continuous flows) costs tens of passes per step, so those
+        # train with the ELBO, which scores the draws from the flow's cache.
         numerical = self._flow_spec[0] in NUMERICAL_FLOWS or any(
             getattr(m, "inverse_kind", None) == "numerical" for m in modules
         )

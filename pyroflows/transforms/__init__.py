@@ -11,6 +11,7 @@ classes (``AffineCoupling``, ``SplineAutoregressive``, ...) are those with a fix
 from . import splines
 from .autoregressive import MaskedAffineAutoregressive, MaskedAutoregressive
 from .base import ConditionedTransform, FlowTransform, ParameterState, has_inverse
+from .continuous import CNF, VelocityField
 from .coupling import AdditiveCoupling, AffineCoupling, Coupling, coupling_mask
 from .elementwise import ActNorm, ElementwiseAffine, LeakyReLU, Logit, Sigmoid, SinhArcsinh
 from .image import (
@@ -42,6 +43,7 @@ from .sylvester import Planar, Radial, Sylvester
 
 __all__ = [
     "BNAF",
+    "CNF",
     "DDSF",
     "DSF",
     "ActNorm",
@@ -84,6 +86,7 @@ __all__ = [
     "Squeeze",
     "Squeezed",
     "Sylvester",
+    "VelocityField",
     "coupling_mask",
     "has_inverse",
     "image_mask",

@@ -361,9 +361,9 @@ def rising_rays(d) -> list[int]:
 
 # Rows of the families added in 0.5 live beside their own tests (one writer per file).
 def _merge() -> None:
-    from . import registry_naf, registry_residual, registry_sylvester
+    from . import registry_continuous, registry_naf, registry_residual, registry_sylvester
 
-    for module in (registry_naf, registry_sylvester, registry_residual):
+    for module in (registry_naf, registry_sylvester, registry_residual, registry_continuous):
         clash = set(module.CASES) & set(CASES)
         assert not clash, f"registry rows defined twice: {sorted(clash)}"
         CASES.update(module.CASES)
