@@ -193,6 +193,13 @@ def _add_fit_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     if not demo:
         train.add_argument("--constant-lr", action="store_true", help="no learning-rate schedule")
         train.add_argument(
+            "--loss",
+            choices=("nll", "flow_matching"),
+            default="nll",
+            help="nll: maximum likelihood (default); flow_matching: regression of a continuous "
+            "flow's velocity (--flow cnf only)",
+        )
+        train.add_argument(
             "--valid",
             type=_fraction_or_file,
             default=0.1,
@@ -442,6 +449,10 @@ def _build_flow(args: argparse.Namespace, dim: int) -> Flow:
     elif args.bins is not None or args.autoregressive:
         option = "--bins" if args.bins is not None else "--autoregressive"
         raise UsageError(f"{option}: applies to --flow nsf only; got --flow {name}")
+    if args.loss == "flow_matching" and name != "cnf":
+        raise UsageError(
+            f"--loss flow_matching: trains continuous flows only (--flow cnf); got --flow {name}"
+        )
     return builder(dim, **kwargs)
 
 
@@ -475,6 +486,7 @@ def _fit(args: argparse.Namespace) -> dict[str, Any]:
         batch_size=args.batch_size,
         lr=args.lr,
         scheduler=None if args.constant_lr else "cosine",
+        loss=args.loss,
         patience=args.patience,
         device=device,
         progress=not args.no_progress,

@@ -18,6 +18,7 @@ import torch
 from ._checks import check_positive_int
 from .datasets import Toy
 from .flows import Flow
+from .transforms.continuous import exact_trace
 
 __all__ = ["Evaluation", "evaluate"]
 
@@ -94,8 +95,10 @@ def evaluate(
 
     Scores ``batch_size`` points at a time under ``torch.no_grad()`` on the flow's device and in
     its dtype (float64 data are converted, as :func:`pyroflows.fit` does), and accumulates the
-    per-point values in float64 on the CPU. The flow is not changed (call it on a fitted flow:
-    an ActNorm layer that has never seen data initialises itself from the first batch).
+    per-point values in float64 on the CPU. Continuous flows (:class:`~pyroflows.CNF`) are
+    scored with the exact trace, whatever their ``trace`` option. The flow is not changed
+    (call it on a fitted flow: an ActNorm layer that has never seen data initialises itself
+    from the first batch).
 
     With ``truth``, the exact log-density ``log p`` of the distribution ``data`` were drawn from,
     it also returns ``entropy = -mean(log p(x))`` and the KL gap
@@ -156,7 +159,7 @@ def evaluate(
             )
     dtype, device = _flow_dtype_device(flow)
     nll, log_p = [], []
-    with torch.no_grad():
+    with torch.no_grad(), exact_trace(flow):
         for start in range(0, len(data), batch_size):
             x = data[start : start + batch_size]
             c = context

@@ -63,8 +63,8 @@ __all__ = ["History", "TrainStep", "TrainingDiverged", "fit"]
 
 DEFAULT_STEPS = 1000
 EVAL_BATCH = 4096
-#: the default ``valid_rows`` of a flow with a continuous transform (each validation row is two
-#: ODE solves with the exact trace, against one network pass for the other flows)
+#: the default ``valid_rows`` of a flow with a continuous transform (each validation row is an
+#: ODE solve with the exact trace, against one network pass for the other flows)
 CONTINUOUS_VALID_ROWS = 2000
 #: the losses :func:`fit` names
 LOSSES = ("nll", "flow_matching")
@@ -132,10 +132,12 @@ def fit(
             standard error of under 1% of the data's standard deviation of log q, and checking
             200,000 rows after every step would cost more than training. ``None``: all rows.
             For a flow with a continuous transform (:class:`~pyroflows.CNF`) the default is
-            2,000 rows (:data:`CONTINUOUS_VALID_ROWS`): each is two ODE solves there.
+            2,000 rows (:data:`CONTINUOUS_VALID_ROWS`): each is an ODE solve there.
         eval_every: steps between validations (default: about 40 per run, but never fewer
             training rows between two validations than validation rows, so that validating
-            costs at most about a third of training).
+            costs at most about a third of training; with ``loss="flow_matching"``, 50
+            training rows per validation row, since validating solves the ODE and training
+            does not).
         patience: stop after this many validations without improvement (default: never).
         clip_grad: maximum gradient norm (``None``: no clipping).
         device: train there (``"cuda"``); the flow stays there afterwards. Data up to 1 GiB moves
@@ -251,7 +253,8 @@ def fit(
         name="fit",
         schedule=schedule(opt, total, cosine=scheduler == "cosine", warmup=warmup),
         valid=chunks,
-        eval_every=eval_every or default_eval_every(total, chunks, batch_size * shard[1]),
+        eval_every=eval_every
+        or default_eval_every(total, chunks, batch_size * shard[1], loss.validation_cost),
         patience=patience,
         callback=callback,
         progress=progress,

@@ -21,6 +21,7 @@ BUILDERS = {
     "BNAF": lambda cd: pf.BNAF(3, layers=2, hidden_factor=4, context_dim=cd, fast="sampling"),
     "ResidualFlow": lambda cd: pf.ResidualFlow(3, layers=2, hidden=(8,), context_dim=cd),
     "SylvesterFlow": lambda cd: pf.SylvesterFlow(3, layers=2, kind="householder", context_dim=cd),
+    "CNF": lambda cd: pf.CNF(3, hidden=(8,), context_dim=cd, solver="rk4", steps=4),
 }
 #: the names under which config.json records each builder (pyroflows.flows.BUILDERS)
 SAVED_NAMES = {
@@ -34,6 +35,7 @@ SAVED_NAMES = {
     "BNAF": "bnaf",
     "ResidualFlow": "residual",
     "SylvesterFlow": "sylvester",
+    "CNF": "cnf",
 }
 
 

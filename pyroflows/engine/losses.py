@@ -77,10 +77,12 @@ class Loss:
       there is one (data-parallel training wraps it in ``DistributedDataParallel``).
 
     Class attributes name it in messages: ``label`` (the progress bar's), ``what`` (what is
-    restored when training diverges) and ``advice`` (what to try then).
+    restored when training diverges) and ``advice`` (what to try then); ``validation_cost`` is
+    what validating one row costs against one training row (front-ends space validations by it).
     """
 
     label = "loss"
+    validation_cost = 1.0
     what = "the parameters"
     advice = "Try a lower lr or gradient clipping (clip_grad)."
     #: the module whose parameters the loss trains, when one module holds them all
@@ -325,6 +327,9 @@ class FlowMatching(_FlowLoss):
 
     label = "fm"
     advice = "Try a lower lr, or gradient clipping (clip_grad)."
+    # A validation row is an ODE solve with the exact trace (tens of evaluations of the field,
+    # each with dim vector-Jacobian products); a training row is one pass and its backward.
+    validation_cost = 50.0
 
     def __init__(self, flow: nn.Module, sigma_min: float = 0.0, coupling: str = "independent"):
         super().__init__(flow)

@@ -344,8 +344,10 @@ def validation_chunks(
     return Chunks(rows, chunk_size, device, shard)
 
 
-def default_eval_every(total: int, valid: Chunks | None, batch_size: int) -> int:
+def default_eval_every(total: int, valid: Chunks | None, batch_size: int, cost: float = 1.0) -> int:
     """About 40 validations per run, but never fewer training rows between two validations than
-    validation rows: validation (a forward pass) then costs at most about a third of training."""
-    least = math.ceil(valid.size / batch_size) if valid is not None else 1
+    validation rows: validation (a forward pass) then costs at most about a third of training.
+    ``cost``: what validating one row costs against training on one (a loss's
+    ``validation_cost``), which multiplies the validation rows in that rule."""
+    least = math.ceil(valid.size * cost / batch_size) if valid is not None else 1
     return max(1, total // 40, least)

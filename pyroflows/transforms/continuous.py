@@ -52,6 +52,7 @@ TRACES = ("auto", "exact", "hutchinson")
 ADAPTIVE_SOLVERS = ("dopri5", "bosh3", "adaptive_heun", "dopri8", "fehlberg2")
 #: torchdiffeq's fixed-step solvers (``steps`` per unit of time apply)
 FIXED_SOLVERS = ("euler", "midpoint", "rk4")
+_OPTIONS = ("solver", "atol", "rtol", "steps", "trace", "adjoint")
 _ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "softplus": nn.Softplus}
 
 
@@ -157,7 +158,9 @@ class _Dynamics(nn.Module):
         # adjoint's backward solve (which differentiates these outputs again).
         create_graph = torch.is_grad_enabled()
         with torch.enable_grad():
-            if not x.requires_grad:
+            # Without gradients recorded (evaluation, or the adjoint's forward solve, whose
+            # state may still claim requires_grad), differentiate at a detached copy.
+            if not (create_graph and x.requires_grad):
                 x = x.detach().requires_grad_(True)
             v = self.field(x, t, self.context)
             div = _trace(v, x, self.noise, create_graph)
@@ -286,6 +289,9 @@ class CNF(FlowTransform):
             >>> t.trace, t.solver
             ('auto', 'dopri5')
         """
+        unknown = sorted(set(options) - set(_OPTIONS))
+        if unknown:
+            raise TypeError(f"CNF.options: unexpected option {unknown[0]!r}; expected {_OPTIONS}")
         saved = {name: getattr(self, name) for name in options}
         self._set_options(**options)
         try:

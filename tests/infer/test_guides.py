@@ -593,6 +593,22 @@ def test_warm_start_without_a_finite_mode_leaves_the_guide_unchanged(validate):
         assert torch.equal(value.detach(), before[key]), key
 
 
+def test_a_continuous_flow_guide_trains_by_the_elbo_and_recovers_the_posterior():
+    """Reverse KL through the ODE: rsample solves it with the trace, the draws are scored from
+    the cache (no second solve)."""
+    X, y = _correlated_data()
+    mean, cov = _exact_gaussian(X, y, sigma=1.0, prior_sd=10.0)
+    sd = cov.diagonal().sqrt()
+    guide = AutoFlowGuide(regression, flow="cnf", hidden=(16, 16))
+    assert type(guide.default_loss()).__name__ == "Trace_ELBO"
+    history = fit_svi(regression, guide, X, y, 1.0, 10.0, steps=200, progress=False, seed=0)
+    assert all(math.isfinite(v) for v in history.train_loss)
+    assert isinstance(guide.flow, pf.CNF)
+    beta = guide.sample_posterior(NUM_DRAWS)["beta"].double()
+    assert ((beta.mean(0) - mean) / sd).abs().max() < 0.3
+    assert ((beta.std(0) / sd) - 1).abs().max() < 0.3
+
+
 @pytest.mark.parametrize("flow", ["naf", "bnaf", "residual", "sylvester"])
 def test_flows_with_numerical_inverses_train_on_the_fast_path(flow):
     """The newer families in a guide: built sampling-fast, trained with the ELBO (whose draws
