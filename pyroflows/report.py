@@ -67,6 +67,11 @@ def format_estimate(mean: float | None, se: float | None) -> str:
     return f"{mean:.4f}" + (f" ± {se:.4f}" if se is not None else "")
 
 
+def _loss_name(loss: Any) -> str:
+    """How ``metrics.json`` names the loss of :func:`pyroflows.fit`: its name, or its class."""
+    return loss if isinstance(loss, str) else type(loss).__name__
+
+
 def _device_of(flow: Flow) -> torch.device:
     return next((t.device for t in (*flow.parameters(), *flow.buffers())), torch.device("cpu"))
 
@@ -277,6 +282,7 @@ def fit_and_report(
         "steps": history.steps,
         "batch_size": fit_kwargs.get("batch_size", 256),
         "lr": fit_kwargs.get("lr", 1e-3),
+        "loss": _loss_name(fit_kwargs.get("loss", "nll")),
         "seed": fit_kwargs.get("seed"),
         "device": str(torch.device(fit_kwargs.get("device") or _device_of(flow))),
         "torch_threads": torch.get_num_threads(),

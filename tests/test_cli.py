@@ -54,6 +54,17 @@ def fitted(tmp_path_factory):
 # --- fit ------------------------------------------------------------------------------------
 
 
+def test_fit_a_continuous_flow_by_flow_matching(tmp_path, capsys):
+    argv = ["fit", "builtin:ring", "-n", "600", "--flow", "cnf", "--hidden", "8", "--loss"]
+    argv += ["flow_matching", "--steps", "20", "--no-progress", "--no-plot", "--out", tmp_path]
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and "CNF" in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["flow"]["builder"] == "cnf" and metrics["flow"]["kwargs"]["hidden"] == [8]
+    assert metrics["loss"] == "flow_matching"
+    assert isinstance(pf.load(tmp_path / "model"), pf.CNF)
+
+
 def test_subprocess_fit_then_sample_and_eval(tmp_path, capsys):
     """The real command line (``python -m pyroflows.cli fit``) on builtin:ring, then sample and
     eval (in-process, to keep the module fast) on what it wrote."""
@@ -274,6 +285,8 @@ ERRORS = {
                      "--bins"),
     "hidden for bnaf": (["fit", "builtin:ring", "--flow", "bnaf", "--hidden", "8",
                          "--out", "{d}/o"], "--hidden: --flow bnaf (BNAF) has no 'hidden'"),
+    "flow matching for nsf": (["fit", "builtin:ring", "--flow", "nsf", "--loss", "flow_matching",
+                               "--out", "{d}/o"], "--loss flow_matching: trains continuous"),
     "bad fraction": (["fit", "builtin:ring", "--test", "1.5", "--out", "{d}/o"], "--test"),
     "no training data left": (
         ["fit", "builtin:ring", "-n", "10", "--valid", "0.5", "--test", "0.5", "--out", "{d}/o"],
