@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 
+from ..bases import StandardNormal
 from ..transforms.continuous import CNF, exact_trace
 from .checkpoint import name_of
 from .sources import Batch, Batches, describe
@@ -78,11 +79,14 @@ class Loss:
 
     Class attributes name it in messages: ``label`` (the progress bar's), ``what`` (what is
     restored when training diverges) and ``advice`` (what to try then); ``validation_cost`` is
-    what validating one row costs against one training row (front-ends space validations by it).
+    what validating one row costs against one training row (front-ends space validations by it);
+    ``capturable`` is false for a loss whose step waits for the host (no CUDA graph is recorded).
     """
 
     label = "loss"
     validation_cost = 1.0
+    #: whether a step may be recorded as a CUDA graph (nothing inside waits for the host)
+    capturable = True
     what = "the parameters"
     advice = "Try a lower lr or gradient clipping (clip_grad)."
     #: the module whose parameters the loss trains, when one module holds them all
@@ -356,15 +360,20 @@ class FlowMatching(_FlowLoss):
         self.transform: CNF = chain[0]
         self.sigma_min = float(sigma_min)
         self.coupling = coupling
+        self.capturable = coupling != "ot"  # the assignment is solved on the host
+        self._standard = isinstance(flow.base, StandardNormal)
 
     def inputs(self, batch: Batch) -> tuple:
         return batch.rows[0], (batch.rows[1] if len(batch.rows) > 1 else None)
 
     def _source(self, x1: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """Base draws, one per row of ``x1`` (for its context)."""
-        base = self.flow(context).base_dist
-        with torch.no_grad():
-            x0 = base.sample(x1.shape[: x1.dim() - 1 - len(base.batch_shape)])
+        if self._standard:  # the usual base: no distribution built per step
+            x0 = torch.randn_like(x1)
+        else:
+            base = self.flow(context).base_dist
+            with torch.no_grad():
+                x0 = base.sample(x1.shape[: x1.dim() - 1 - len(base.batch_shape)])
         if self.coupling == "ot":
             x0 = x0[_ot_assignment(x0, x1)]
         return x0

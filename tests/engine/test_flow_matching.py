@@ -181,3 +181,14 @@ def test_bad_uses_are_refused_clearly():
     with pytest.raises(ValueError, match="NaN"):
         pf.fit(flow, bad, loss="flow_matching", progress=False)
     assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
+
+
+def test_a_learnable_base_is_the_source_and_ot_steps_are_not_recorded_as_cuda_graphs():
+    flow = pf.CNF(2, hidden=(8,), base="diag_normal")
+    history = pf.fit(flow, gaussian_data(512), steps=10, loss="flow_matching", **RUN)
+    assert all(torch.isfinite(torch.tensor(history.train_loss)))
+    assert FlowMatching(small_cnf()).capturable
+    opt = torch.optim.Adam(flow.parameters())
+    step = pf.engine.Step(FlowMatching(small_cnf(), coupling="ot"), opt, compile=True)
+    step._prepare_capture(torch.device("cuda"))  # the decision alone: nothing runs there
+    assert step._capture is False
