@@ -87,6 +87,8 @@ class Loss:
     validation_cost = 1.0
     #: whether a step may be recorded as a CUDA graph (nothing inside waits for the host)
     capturable = True
+    #: why ``torch.compile`` cannot compile this loss's step, or ``None`` when it can
+    not_compilable: str | None = None
     what = "the parameters"
     advice = "Try a lower lr or gradient clipping (clip_grad)."
     #: the module whose parameters the loss trains, when one module holds them all
@@ -141,6 +143,13 @@ class _FlowLoss(Loss):
         self.flow = self.module = flow
         # Listed once: the step clips over them and the guard checks them every step.
         self._params = [p for p in flow.parameters() if p.requires_grad]
+        if any(isinstance(m, CNF) for m in flow.modules()):
+            self.not_compilable = (
+                "the step solves a continuous flow's ODE, which torch.compile cannot trace (the "
+                "adaptive solver steers its steps from the host, and the trace needs a second "
+                "backward pass, which compiled graphs do not support); use compile=False, or "
+                "train by flow matching (loss='flow_matching'), whose steps compile"
+            )
 
     def parameters(self) -> list[torch.Tensor]:
         return self._params
@@ -361,6 +370,7 @@ class FlowMatching(_FlowLoss):
         self.sigma_min = float(sigma_min)
         self.coupling = coupling
         self.capturable = coupling != "ot"  # the assignment is solved on the host
+        self.not_compilable = None  # a regression of the field: no ODE in the step
         self._standard = isinstance(flow.base, StandardNormal)
 
     def inputs(self, batch: Batch) -> tuple:

@@ -100,6 +100,8 @@ class Step:
                 f"compile: {type(loss).__name__} computes its gradients outside torch "
                 "(e.g. a Pyro ELBO) and cannot be compiled; use compile=False"
             )
+        if compile and loss.not_compilable is not None:
+            raise ValueError(f"compile: {type(loss).__name__}: {loss.not_compilable}")
         self.loss = loss
         self.optimizer = optimizer
         self.clip_grad = clip_grad

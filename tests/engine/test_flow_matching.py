@@ -160,6 +160,13 @@ def test_compiled_flow_matching_trains():
 
 def test_bad_uses_are_refused_clearly():
     data = gaussian_data(256)
+    flow = small_cnf()
+    before = {k: v.clone() for k, v in flow.state_dict().items()}
+    with pytest.raises(ValueError, match=r"compile: NegativeLogLikelihood: the step solves"):
+        pf.fit(flow, data, compile=True, progress=False)  # maximum likelihood: an ODE per step
+    with pytest.raises(ValueError, match=r"compile: ReverseKL: .*loss='flow_matching'"):
+        pf.infer.fit_target(flow, lambda z: -z.square().sum(-1), compile=True, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
     with pytest.raises(ValueError, match=r"expected a continuous flow .*got MAF"):
         pf.fit(pf.MAF(2), data, loss="flow_matching", progress=False)
     with pytest.raises(ValueError, match=r"only transform is a pyroflows\.transforms\.CNF"):
