@@ -134,6 +134,19 @@ class Loss:
         raise NotImplementedError
 
 
+def solves_odes(module: nn.Module) -> str | None:
+    """Why a step through ``module`` cannot be compiled when it holds a continuous flow (the
+    step then solves its ODE), or ``None``."""
+    if not any(isinstance(m, CNF) for m in module.modules()):
+        return None
+    return (
+        "the step solves a continuous flow's ODE, which torch.compile cannot trace (the "
+        "adaptive solver steers its steps from the host, and the trace needs a second "
+        "backward pass, which compiled graphs do not support); use compile=False, or "
+        "train by flow matching (loss='flow_matching'), whose steps compile"
+    )
+
+
 class _FlowLoss(Loss):
     """A loss whose parameters are a flow's (its ``state_dict`` is the state)."""
 
@@ -143,13 +156,7 @@ class _FlowLoss(Loss):
         self.flow = self.module = flow
         # Listed once: the step clips over them and the guard checks them every step.
         self._params = [p for p in flow.parameters() if p.requires_grad]
-        if any(isinstance(m, CNF) for m in flow.modules()):
-            self.not_compilable = (
-                "the step solves a continuous flow's ODE, which torch.compile cannot trace (the "
-                "adaptive solver steers its steps from the host, and the trace needs a second "
-                "backward pass, which compiled graphs do not support); use compile=False, or "
-                "train by flow matching (loss='flow_matching'), whose steps compile"
-            )
+        self.not_compilable = solves_odes(flow)
 
     def parameters(self) -> list[torch.Tensor]:
         return self._params

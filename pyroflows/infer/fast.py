@@ -41,6 +41,7 @@ from pyro import poutine
 from pyro.infer import Trace_ELBO
 
 from ..engine import Loss, SVILoss
+from ..engine.losses import solves_odes
 from .guides import DEFAULT_PARTICLES
 from .objectives import IWAE, STL_ELBO
 from .potential import NotTraceable, Potential
@@ -161,6 +162,7 @@ class FastSVI(SVILoss):
         self.objective, self.num_particles = found
         args, kwargs = self.args, self.kwargs
         self.potential = Potential(model, guide, args, kwargs)  # (sets the guide up if needed)
+        self.not_compilable = solves_odes(guide)
         # One run of the guide in a Pyro context: its tensors become the param store's (or the
         # store's become its own, after pyro.get_param_store().load), as SVI would do.
         with torch.no_grad(), poutine.block(), poutine.trace(param_only=True) as params:

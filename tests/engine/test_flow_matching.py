@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 
@@ -167,6 +169,14 @@ def test_bad_uses_are_refused_clearly():
     with pytest.raises(ValueError, match=r"compile: ReverseKL: .*loss='flow_matching'"):
         pf.infer.fit_target(flow, lambda z: -z.square().sum(-1), compile=True, progress=False)
     assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
+
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    guide = pf.infer.AutoFlowGuide(model, flow="cnf", hidden=(8,))
+    with pytest.raises(ValueError, match=r"compile: FastSVI: the step solves"):
+        pf.infer.fit_svi(model, guide, steps=5, compile=True, progress=False)
+    pyro.clear_param_store()
     with pytest.raises(ValueError, match=r"expected a continuous flow .*got MAF"):
         pf.fit(pf.MAF(2), data, loss="flow_matching", progress=False)
     with pytest.raises(ValueError, match=r"only transform is a pyroflows\.transforms\.CNF"):
