@@ -327,7 +327,8 @@ class FlowMatching(_FlowLoss):
 
     Args:
         flow: a :class:`~pyroflows.CNF` (or a :class:`~pyroflows.Flow` whose only transform is a
-            :class:`~pyroflows.transforms.CNF`); its base is the source ``q₀`` (not trained here).
+            :class:`~pyroflows.transforms.CNF`); its base is the source ``q₀``, which must have
+            no trainable parameters (flow matching does not train it).
         sigma_min: ``σ``, the width of the path's end (0 or a small positive number).
         coupling: ``"independent"`` or ``"ot"``.
 
@@ -367,6 +368,14 @@ class FlowMatching(_FlowLoss):
             raise ValueError(f"sigma_min: expected a number in [0, 1); got {sigma_min!r}")
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling: expected one of {COUPLINGS}; got {coupling!r}")
+        trained = [name for name, p in flow.base.named_parameters() if p.requires_grad]
+        if trained:
+            raise ValueError(
+                f"FlowMatching: the flow's base has trainable parameters ({', '.join(trained)}), "
+                "which flow matching does not train (it regresses the field on paths that start "
+                "at base draws): build the flow with base='normal' or a fixed base, or train by "
+                "maximum likelihood (loss='nll')"
+            )
         if coupling == "ot" and flow.context_dim:
             raise ValueError(
                 "coupling='ot' pairs base draws with data rows across the batch, which for a "

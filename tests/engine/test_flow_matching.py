@@ -200,10 +200,27 @@ def test_bad_uses_are_refused_clearly():
     assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
 
 
-def test_a_learnable_base_is_the_source_and_ot_steps_are_not_recorded_as_cuda_graphs():
-    flow = pf.CNF(2, hidden=(8,), base="diag_normal")
+class ShiftedBase(torch.nn.Module):
+    """A fixed base N(3, 0.5²) (buffers only): flow matching's source need not be N(0, I)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("loc", torch.full((2,), 3.0))
+
+    def forward(self, context=None):
+        return dist.Normal(self.loc, 0.5).to_event(1)
+
+
+def test_another_fixed_base_is_the_source_a_learnable_one_is_refused_no_ot_cuda_graphs():
+    torch.manual_seed(0)
+    flow = pf.CNF(2, hidden=(8,), base=ShiftedBase())
+    x0 = FlowMatching(flow)._source(torch.zeros(4000, 2), None)
+    torch.testing.assert_close(x0.mean(0), torch.full((2,), 3.0), atol=0.05, rtol=0)
     history = pf.fit(flow, gaussian_data(512), steps=10, loss="flow_matching", **RUN)
     assert all(torch.isfinite(torch.tensor(history.train_loss)))
+    learnable = pf.CNF(2, hidden=(8,), base="diag_normal")
+    with pytest.raises(ValueError, match=r"base has trainable parameters \(loc, "):
+        pf.fit(learnable, gaussian_data(512), loss="flow_matching", progress=False)
     assert FlowMatching(small_cnf()).capturable
     opt = torch.optim.Adam(flow.parameters())
     step = pf.engine.Step(FlowMatching(small_cnf(), coupling="ot"), opt, compile=True)
