@@ -1133,7 +1133,11 @@ class CNF(Flow):
 
     As a variational posterior (``AutoFlowGuide(flow="cnf")``) every step solves the ODE
     forward with the trace: it works, but costs tens of evaluations of ``v`` per step (see
-    ``docs/inference.md``).
+    the docs page "Continuous flows and flow matching").
+
+    ``flow().sample(...)`` integrates the log-determinant alongside (so that ``log_prob`` of
+    those samples costs nothing more); for samples alone, :meth:`sample_paths` with
+    ``times=2`` skips it (entry ``-1``).
 
     Args:
         dim: number of features.
