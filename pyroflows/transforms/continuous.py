@@ -342,19 +342,24 @@ class CNF(FlowTransform):
             return odeint_adjoint(dynamics, state, times, adjoint_params=tuple(params), **kwargs)
         return odeint(dynamics, state, times, **kwargs)
 
-    def _solve(self, x: torch.Tensor, context, reverse: bool, with_trace: bool = True):
+    def _bind(self, x: torch.Tensor, context: torch.Tensor | None) -> tuple:
+        """``x`` and the context expanded to their common batch shape (one context per point)."""
         x = expand_to_context(x, context, type(self).__name__)
         if context is not None:
             context = context.expand(*x.shape[:-1], self.context_dim)
+        return x, context
+
+    def _solve(self, x: torch.Tensor, context, reverse: bool):
+        """``(x(1), ∫ tr)`` from ``x(0) = x``, or ``(x(0), -∫ tr)`` from ``x(1) = x``."""
+        x, context = self._bind(x, context)
         noise = None
-        if with_trace and not self.exact_trace:
+        if not self.exact_trace:  # Rademacher probes, one per point, fixed along the path
             noise = torch.randint(0, 2, x.shape, device=x.device).to(x.dtype) * 2 - 1
-        dynamics = _Dynamics(self.field, context, noise, with_trace)
+        dynamics = _Dynamics(self.field, context, noise, with_trace=True)
         times = torch.tensor([1.0, 0.0] if reverse else [0.0, 1.0], dtype=x.dtype, device=x.device)
-        state = (x, x.new_zeros(x.shape[:-1])) if with_trace else (x,)
-        solution = self._odeint(dynamics, state, times)
+        y, ladj = self._odeint(dynamics, (x, x.new_zeros(x.shape[:-1])), times)
         self.evaluations = dynamics.evaluations
-        return tuple(s[-1] for s in solution)
+        return y[-1], ladj[-1]
 
     def _forward_and_log_det(self, x, context):
         return self._solve(x, context, reverse=False)
@@ -386,10 +391,7 @@ class CNF(FlowTransform):
             torch.Size([5, 10, 2])
         """
         self._check_event(x, "input")
-        context = self._resolve_context(context)
-        x = expand_to_context(x, context, type(self).__name__)
-        if context is not None:
-            context = context.expand(*x.shape[:-1], self.context_dim)
+        x, context = self._bind(x, self._resolve_context(context))
         if isinstance(times, int):
             check_positive_int("times", times)
             times = torch.linspace(0.0, 1.0, max(times, 2))
