@@ -25,8 +25,9 @@ From posteriordb (``benchmarks/posteriors.py``; log Z unknown, so the ELBO is sh
 are compared with the reference NUTS draws): ``eight_schools``, ``kidiq``, ``mesquite``, ``arK``,
 ``diamonds``, ``gp_pois_regr``, ``low_dim_gauss_mix``, ``garch``.
 
-Guides (``--guides``; by default all but the ``pf-<flow>`` guides of issue 17, ``all`` for every
-one, ``pf-flows`` for ``pf-defaults`` and the ``pf-<flow>`` guides):
+Guides (``--guides``; by default all but the ``pf-<flow>`` guides of issues 17 and 18, ``all`` for
+every one, ``pf-flows`` for ``pf-defaults`` and the ``pf-<flow>`` guides of issue 17,
+``pf-continuous`` for ``pf-defaults``, ``pf-nsf``, ``pf-naf``, ``pf-cnf`` and ``pf-cnf-rk4``):
 
 * ``pf-defaults``: exactly ``pf.infer.fit_svi(model, pf.infer.AutoFlowGuide(model), steps=N)``:
   pyroflows' defaults (objective, particles, optimiser, learning rate, flow, start), whichever
@@ -46,6 +47,19 @@ one, ``pf-flows`` for ``pf-defaults`` and the ``pf-<flow>`` guides):
   vectorised ``Trace_ELBO`` for the numerical-inverse flows, which AutoFlowGuide builds in the
   sampling-fast orientation). ``--guides pf-flows`` (those and ``pf-defaults``) on the synthetic
   targets, seeds 0, 1, 2: about 13 min.
+* ``pf-cnf`` and its variants (issue 18): ``AutoFlowGuide(model, flow="cnf", ...)``, a continuous
+  flow (one ODE, velocity field of hidden (64, 64)) trained as the others with ``fit_svi``'s
+  defaults (the vectorised ``Trace_ELBO`` with 16 particles: each step one forward solve with
+  the exact trace): ``pf-cnf`` (dopri5, atol = rtol = 1e-5, the builder's default),
+  ``pf-cnf-rk4`` (``solver="rk4", steps=8``: 32 field evaluations per step, a fixed-step map),
+  ``pf-cnf-h32`` (``hidden=(32, 32)``), ``pf-cnf-lr1e-2`` (``fit_svi(..., lr=1e-2)``) and
+  ``pf-cnf-adjoint`` (``adjoint=True``: gradients by the adjoint method). Their rows add notes:
+  the field evaluations per step (mean and last, read at the fit's callbacks) and the gap
+  re-measured with an accurate solve (dopri5, atol = rtol = ``CNF_CHECK_TOL``) on
+  ``CNF_CHECK_DRAWS`` fresh draws, which for ``pf-cnf-rk4`` is the continuous flow of the learnt
+  field (the rk4 map's own ``log q`` integrates the trace with the same 8 steps, so it is not
+  its exact density). ``--guides pf-continuous --seeds 0`` on the synthetic targets: about
+  15 min of one idle CPU thread (a ``pf-cnf`` fit about 2 min; ``results/vi_cnf_0.6.0.txt``).
 * ``AutoIAFNormal`` (``num_transforms=3``, ``hidden_dim=[64, 64]``), ``AutoNormal``, ``AutoMVN``
   (``AutoMultivariateNormal``), ``AutoNF-spline`` (``AutoNormalizingFlow`` with 3
   ``spline_autoregressive`` layers, hidden ``[64, 64]``, 8 bins, bound 5): Pyro's autoguides with
@@ -60,15 +74,16 @@ Reported per guide and seed, then as mean ± standard error over seeds: the ELBO
 ``log p(x, z) - log q(z)`` over ``--eval`` guide draws) and, where log Z is known, the gap
 ``log Z - ELBO`` (= KL(q || p)); the IWAE(K=1000) estimate of log Z (the mean over the draws'
 blocks of 1000 of log-mean-exp of their weights); PSIS k-hat of all the draws (ArviZ); seconds
-per 1000 steps at the steady rate; ``compile s``, the time before the steady rate is reached less
-the steps taken in it (``torch.compile``/``jax.jit`` compilation, or a guide's set-up); for the
-mixtures the fraction of draws on each side of the plane between the modes; for posteriordb the
-largest ``|mean_q - mean_ref| / sd_ref`` over the Stan parameters and the range of
-``sd_q / sd_ref``. A guide that raises (Pyro's autoguides on ``ImproperUniform`` sites, which
-they try to sample) is reported as ``fails: <reason>``. Best per target: the highest mean ELBO
-(the smallest KL(q || p): log Z is the same for every guide); a guide is tied with it when the
-difference of means is within two standard errors of the difference (standard errors over seeds;
-within a single draw set's when a row has one seed).
+per 1000 steps at the steady rate (and, for the ``pf-*`` guides, a note with this thread's CPU
+seconds per 1000 steps, less sensitive to a shared machine's load); ``compile s``, the time
+before the steady rate is reached less the steps taken in it (``torch.compile``/``jax.jit``
+compilation, or a guide's set-up); for the mixtures the fraction of draws on each side of the
+plane between the modes; for posteriordb the largest ``|mean_q - mean_ref| / sd_ref`` over the
+Stan parameters and the range of ``sd_q / sd_ref``. A guide that raises (Pyro's autoguides on
+``ImproperUniform`` sites, which they try to sample) is reported as ``fails: <reason>``. Best per
+target: the highest mean ELBO (the smallest KL(q || p): log Z is the same for every guide); a
+guide is tied with it when the difference of means is within two standard errors of the
+difference (standard errors over seeds; within a single draw set's when a row has one seed).
 
 Torch runs on one thread (``--threads``). Timings on a shared machine are noisy; the script prints
 the load average before and after.
@@ -125,11 +140,21 @@ POSTERIORDB = tuple(posteriors.FOLDERS)
 ALL_TARGETS = SYNTHETIC + POSTERIORDB
 QUICK_TARGETS = ("mixture2", "garch")  # --quick: one synthetic target, one with flat priors
 PF_FLOWS = {"pf-nsf": "nsf", "pf-naf": "naf", "pf-bnaf": "bnaf", "pf-sylvester": "sylvester"}
-PF_GUIDES = ("pf-defaults", "pf-compile", *PF_FLOWS)
+#: issue 18's continuous-flow guides: (AutoFlowGuide's options, fit_svi's options)
+PF_CNF: dict[str, tuple[dict, dict]] = {
+    "pf-cnf": ({}, {}),
+    "pf-cnf-rk4": ({"solver": "rk4", "steps": 8}, {}),
+    "pf-cnf-h32": ({"hidden": (32, 32)}, {}),
+    "pf-cnf-lr1e-2": ({}, {"lr": 1e-2}),
+    "pf-cnf-adjoint": ({"adjoint": True}, {}),
+}
+CNF_CHECK_TOL, CNF_CHECK_DRAWS = 1e-7, 2000  # the accurate re-evaluation of a CNF guide
+PF_GUIDES = ("pf-defaults", "pf-compile", *PF_FLOWS, *PF_CNF)
 PYRO_GUIDES = ("AutoIAFNormal", "AutoNormal", "AutoMVN", "AutoNF-spline")
 PEER_GUIDES = ("NumPyro-IAF", "NumPyro-BNAF", "FlowJAX-MAF")  # numpyro_peers.PEERS
 ALL_GUIDES = PF_GUIDES + PYRO_GUIDES + PEER_GUIDES
-DEFAULT_GUIDES = tuple(g for g in ALL_GUIDES if g not in PF_FLOWS)
+DEFAULT_GUIDES = tuple(g for g in ALL_GUIDES if g not in PF_FLOWS and g not in PF_CNF)
+CONTINUOUS_GROUP = ("pf-defaults", "pf-nsf", "pf-naf", "pf-cnf", "pf-cnf-rk4")
 PEERS_SCRIPT = Path(__file__).resolve().parent / "numpyro_peers.py"
 
 
@@ -344,17 +369,31 @@ def fit_pf(target: Target, kind: str, seed: int, args: argparse.Namespace, recor
         warnings.simplefilter("always")
         t0 = time.perf_counter()
         flow = {"flow": PF_FLOWS[kind]} if kind in PF_FLOWS else {}
+        if kind in PF_CNF:
+            flow = {"flow": "cnf", **PF_CNF[kind][0]}
+            options.update(PF_CNF[kind][1])
         guide = pf.infer.AutoFlowGuide(target.model, **flow)
+        evaluations: list[int] = []
+        cpu: list[tuple[int, float]] = []  # this thread's CPU time: less sensitive to load
+
+        def callback(step: int, _) -> None:
+            stamps.append((step, time.perf_counter()))
+            cpu.append((step, time.thread_time()))
+            if kind in PF_CNF:  # the field evaluations of the latest training step's solve
+                evaluations.append(guide.flow.transform.evaluations)
+
         pf.infer.fit_svi(
-            target.model,
-            guide,
-            steps=args.steps,
-            progress=False,
-            callback=lambda step, _: stamps.append((step, time.perf_counter())),
-            **options,
+            target.model, guide, steps=args.steps, progress=False, callback=callback, **options
+        )
+    if evaluations:
+        record.notes.append(
+            f"seed {seed}: field evaluations per step {np.mean(evaluations):.0f} on average, "
+            f"{evaluations[-1]} at the end"
         )
     per_step, record.compile_s = _steady(stamps, t0)
     record.sec_per_1000 = 1000 * per_step
+    if len(cpu) > 1:
+        record.notes.append(f"seed {seed}: CPU s/1000 steps {1000 * _steady(cpu, 0.0)[0]:.2f}")
     seen = set()
     for w in caught:
         text = f"{w.category.__name__}: {str(w.message).splitlines()[0][:100]}"
@@ -406,9 +445,38 @@ def run_one(target: Target, kind: str, seed: int, args: argparse.Namespace) -> R
         summarize(
             record, draws.log_weights.numpy(), z=None if z is None else z.numpy(), params=params
         )
+        if kind in PF_CNF:
+            record.notes.append(accurate_check(target, guide, seed, args))
     except Exception as exc:  # a guide that crashes is a result
         record.error = reason(exc)
     return record
+
+
+def accurate_check(target: Target, guide: Callable, seed: int, args: argparse.Namespace) -> str:
+    """A continuous-flow guide's ELBO (or gap) on fresh draws with an accurate solve (dopri5,
+    atol = rtol = ``CNF_CHECK_TOL``): how much the training solver's error moves the figure."""
+    t0 = time.perf_counter()
+    tol = CNF_CHECK_TOL
+    with (
+        torch.no_grad(),
+        warnings.catch_warnings(),
+        guide.flow.options(solver="dopri5", atol=tol, rtol=tol),
+    ):
+        warnings.simplefilter("ignore")
+        draws = pf.infer.importance_draws(
+            target.model,
+            guide,
+            num_samples=min(args.eval, CNF_CHECK_DRAWS),
+            max_plate_nesting=MAX_PLATE_NESTING,
+        )
+    log_w = draws.log_weights.double().numpy()
+    elbo, se = float(log_w.mean()), float(log_w.std(ddof=1) / math.sqrt(len(log_w)))
+    label = "gap" if target.log_z is not None else "ELBO"
+    value = target.log_z - elbo if target.log_z is not None else elbo
+    return (
+        f"seed {seed}: {label} {value:.3f} ± {se:.3f} with dopri5 atol=rtol={tol:g} "
+        f"({time.perf_counter() - t0:.0f} s for {len(log_w)} draws)"
+    )
 
 
 # -- the NumPyro/FlowJAX peers, in a subprocess ---------------------------------------------------
@@ -686,7 +754,11 @@ def parse_list(parser, option: str, text: str, allowed: Sequence[str]) -> list[s
     if option == "--targets":
         groups = {"synthetic": SYNTHETIC, "posteriordb": POSTERIORDB, "all": ALL_TARGETS}
     else:
-        groups = {"all": ALL_GUIDES, "pf-flows": ("pf-defaults", *PF_FLOWS)}
+        groups = {
+            "all": ALL_GUIDES,
+            "pf-flows": ("pf-defaults", *PF_FLOWS),
+            "pf-continuous": CONTINUOUS_GROUP,
+        }
     items: list[str] = []
     for item in (t.strip() for t in text.split(",")):
         if item in groups:
@@ -713,8 +785,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--guides",
         default=None,
-        help="names, or all, or pf-flows (default: all but the pf-<flow> guides; --quick: "
-        "no pf-compile)",
+        help="names, or all, or pf-flows, or pf-continuous (default: all but the pf-<flow> "
+        "guides; --quick: no pf-compile)",
     )
     parser.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2)")
     parser.add_argument("--steps", type=int, default=STEPS)
