@@ -298,6 +298,27 @@ class _Pair:
     def holds(self) -> bool:
         return self.state.holds(self.root, self.context)
 
+    def log_det(self) -> torch.Tensor:
+        """``log|det ∂y/∂x|``, computed now when the draw deferred it (see
+        :attr:`FlowTransform.deferred_log_det`; the draw was made without gradients)."""
+        ladj = self.ladj
+        if callable(ladj):
+            with torch.no_grad():
+                ladj = self.ladj = ladj()
+        return ladj
+
+
+def _drawn(module: FlowTransform, x: torch.Tensor, context) -> tuple:
+    """``y`` and ``log|det ∂y/∂x|`` of a sample pushed through ``module``; for a transform whose
+    log-determinant costs far more than its map (:attr:`FlowTransform.deferred_log_det`) drawn
+    without gradients, the map alone and a function that computes the log-determinant."""
+    if module.deferred_log_det and not torch.is_grad_enabled():
+        module._check_event(x, "input")
+        resolved = module._resolve_context(context)
+        y = module._forward_values(x, resolved)
+        return y, lambda: module._forward_and_log_det(x, resolved)[1]
+    return module.forward_and_log_det(x, context)
+
 
 class _FusedCalls:
     """The ``Transform`` interface over a module's fused maths and a bound context.
@@ -347,7 +368,7 @@ class _FusedCalls:
         is cheaper than one state per layer (:class:`~pyroflows.distribution.FlowDistribution`
         uses it; any caller of ``t(x)`` gets the same pair with a state of its own)."""
         module, own_context = self._target()
-        y, ladj = module.forward_and_log_det(x, own_context)
+        y, ladj = _drawn(module, x, own_context)
         if self._cache_size:
             self._kept = _Pair(x, y, ladj, True, state, root, context)
         return y
@@ -395,14 +416,14 @@ class _FusedCalls:
             and kept.drawn
             and ((trusted is not None and kept.state is trusted) or kept.holds())
         ):
-            return kept.x, kept.ladj
+            return kept.x, kept.log_det()
         x, inverse_ladj = self._invert(y)
         return x, -inverse_ladj
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         kept = self._kept
         if kept is not None and kept.x is x and kept.y is y and kept.holds():
-            return kept.ladj
+            return kept.log_det()
         module, context = self._target()
         module._check_event(x, "input")
         return module._log_abs_det(x, y, module._resolve_context(context))
@@ -433,7 +454,10 @@ class FlowTransform(_FusedCalls, TransformModule, ConditionalTransform):
     * ``_inverse_and_log_det(y, context) -> (x, ladj_inv)`` with ``ladj_inv = log|det ∂x/∂y|``,
       unless the transform is one-way (below);
     * optionally ``_log_abs_det(x, y, context)`` when log|det J| is cheaper than a full pass
-      (the default recomputes the forward pass);
+      (the default recomputes the forward pass), and ``_forward_values(x, context)`` with
+      ``deferred_log_det = True`` when the map alone is much cheaper than with log|det J|:
+      samples drawn without gradients (``d.sample()``) then compute the map alone, and the
+      log-determinant (a second pass) only if ``log_prob`` of the sample is asked for;
     * class attributes ``domain`` / ``codomain`` (their ``event_dim`` is the transform's),
       ``inverse_kind`` when it is not ``"exact"``, ``sign`` when the sign of ``det J`` is
       known, and an ``extra_repr``.
@@ -496,6 +520,9 @@ class FlowTransform(_FusedCalls, TransformModule, ConditionalTransform):
     codomain = constraints.real_vector
     #: how the inverse is computed: ``"exact"``, ``"numerical"`` or ``"none"`` (one-way)
     inverse_kind: ClassVar[Literal["exact", "numerical", "none"]] = "exact"
+    #: whether a sample drawn without gradients computes only the map, and its log|det J| the
+    #: first time it is asked for (a continuous flow, whose trace costs several times its map)
+    deferred_log_det: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -528,6 +555,10 @@ class FlowTransform(_FusedCalls, TransformModule, ConditionalTransform):
 
     def _log_abs_det(self, x: torch.Tensor, y: torch.Tensor, context) -> torch.Tensor:
         return self._forward_and_log_det(x, context)[1]
+
+    def _forward_values(self, x: torch.Tensor, context) -> torch.Tensor:
+        """``y = f(x)`` alone (what a transform with :attr:`deferred_log_det` implements)."""
+        return self._forward_and_log_det(x, context)[0]
 
     @property
     def sign(self) -> int:
@@ -677,7 +708,7 @@ class ConditionedTransform(_FusedCalls, Transform):
         self, x: torch.Tensor, state: ParameterState, root: nn.Module, context=None
     ) -> torch.Tensor:
         """As :meth:`FlowTransform.draw` (the hot path of sampling, without the indirection)."""
-        y, ladj = self.module.forward_and_log_det(x, self.context)
+        y, ladj = _drawn(self.module, x, self.context)
         if self._cache_size:
             self._kept = _Pair(x, y, ladj, True, state, root, context)
         return y

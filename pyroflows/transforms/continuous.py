@@ -227,6 +227,7 @@ class CNF(FlowTransform):
     """
 
     inverse_kind = "numerical"
+    deferred_log_det = True  # d.sample(): the path alone; the trace only if log_prob is asked
 
     def __init__(
         self,
@@ -364,6 +365,18 @@ class CNF(FlowTransform):
     def _forward_and_log_det(self, x, context):
         return self._solve(x, context, reverse=False)
 
+    def _forward_values(self, x, context):
+        x, context = self._bind(x, context)
+        ends = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
+        return self._values(x, context, ends)[-1]
+
+    def _values(self, x: torch.Tensor, context, times: torch.Tensor) -> torch.Tensor:
+        """The points ``x(t)`` at ``times`` (bound ``x`` and context), without the trace."""
+        dynamics = _Dynamics(self.field, context, None, with_trace=False)
+        (points,) = self._odeint(dynamics, (x,), times)
+        self.evaluations = dynamics.evaluations
+        return points
+
     def _inverse_and_log_det(self, y, context):
         return self._solve(y, context, reverse=True)
 
@@ -403,10 +416,7 @@ class CNF(FlowTransform):
             raise ValueError(
                 f"times: expected strictly increasing or decreasing times; got {times.tolist()}"
             )
-        dynamics = _Dynamics(self.field, context, None, with_trace=False)
-        (points,) = self._odeint(dynamics, (x,), times)
-        self.evaluations = dynamics.evaluations
-        return points
+        return self._values(x, context, times)
 
     def extra_repr(self) -> str:
         extra = f"dim={self.dim}, solver={self.solver!r}, trace={self.trace!r}"

@@ -270,3 +270,24 @@ def test_on_cuda():
     y = d.rsample((64,))
     assert y.device.type == "cuda" and d.log_prob(y).device.type == "cuda"
     assert flow().log_prob(y.detach().clone()).device.type == "cuda"
+
+
+def test_sampling_without_gradients_defers_the_trace_until_log_prob_is_asked():
+    flow = pf.CNF(2, hidden=(16,), solver="rk4", steps=8)
+    perturbed(flow.transform)
+    d = flow()
+    calls = []
+    original = flow.transform._solve
+    flow.transform._solve = lambda x, c, reverse: calls.append(reverse) or original(x, c, reverse)
+    samples = d.sample((300,))
+    assert calls == []  # the path alone: no trace integrated
+    with torch.no_grad():
+        scored = d.log_prob(samples)  # the trace now, by a forward solve from the draw
+    assert calls == [False]
+    with torch.no_grad():
+        torch.testing.assert_close(scored, flow().log_prob(samples.clone()), atol=1e-4, rtol=1e-4)
+        assert torch.equal(d.log_prob(samples), scored)  # computed once, then kept
+    assert calls == [False, True]  # the fresh distribution inverted; the kept value reused
+    # with gradients, sampling integrates the trace with the path, as the ELBO needs
+    y = d.rsample((4,))
+    assert calls[-1] is False and d.log_prob(y).requires_grad
