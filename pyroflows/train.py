@@ -135,9 +135,9 @@ def fit(
             2,000 rows (:data:`CONTINUOUS_VALID_ROWS`): each is an ODE solve there.
         eval_every: steps between validations (default: about 40 per run, but never fewer
             training rows between two validations than validation rows, so that validating
-            costs at most about a third of training; with ``loss="flow_matching"``, 50
-            training rows per validation row, since validating solves the ODE and training
-            does not).
+            costs at most about a third of training; with ``loss="flow_matching"``,
+            ``20 (dim + 2)`` training rows per validation row, since validating solves the ODE
+            with the exact trace and training does not).
         patience: stop after this many validations without improvement (default: never).
         clip_grad: maximum gradient norm (``None``: no clipping).
         device: train there (``"cuda"``); the flow stays there afterwards. Data up to 1 GiB moves

@@ -327,8 +327,11 @@ class AutoFlowGuide(AutoContinuous):
         model: a Pyro model; its latent sites must be continuous with fixed shapes. Global latents
             may sit in plates (``with pyro.plate("groups", 3): pyro.sample(...)``).
         flow: the name of a vector builder of :data:`pyroflows.flows.BUILDERS`: ``"iaf"``
-            (default), ``"maf"``, ``"nsf"``, ``"realnvp"``, ``"nice"``, ``"linear"`` (see the
-            module notes on which to choose) or one registered with
+            (default), ``"maf"``, ``"nsf"``, ``"realnvp"``, ``"nice"``, ``"linear"``, the
+            flows with numerical inverses ``"naf"``, ``"bnaf"``, ``"residual"``,
+            ``"sylvester"``, or the continuous ``"cnf"`` (an ODE solve per step: 15-20x an
+            IAF's cost; best on curved posteriors, worst on funnels; see the module notes on
+            which to choose) or one registered with
             :func:`~pyroflows.flows.register_builder`; an unconditional
             :class:`~pyroflows.flows.Flow` with ``dim == latent_dim``; or a callable
             ``dim -> Flow``.
