@@ -1137,8 +1137,10 @@ class CNF(Flow):
     matching").
 
     ``flow().sample(...)`` (without gradients) solves the path alone; ``log_prob`` of those
-    samples then integrates the trace in a second, forward solve. ``rsample`` (with gradients)
-    integrates both at once, so that ``log_prob`` of its draws costs nothing more.
+    samples then integrates the trace in a second solve (forward from the draws under
+    ``torch.no_grad()``, with the options they were drawn with; an inverse solve when
+    gradients are on). ``rsample`` (with gradients) integrates both at once, so that
+    ``log_prob`` of its draws costs nothing more.
 
     Args:
         dim: number of features.

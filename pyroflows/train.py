@@ -96,7 +96,7 @@ def fit(
     callback: Callable[[int, History], bool | None] | None = None,
     compile: bool | str = False,
     dequantize: int | None = None,
-    valid_rows: int | None = VALID_ROWS,
+    valid_rows: int | str | None = "auto",
     divergence: float | None = DIVERGENCE,
     distributed: bool | None = None,
     loss: str | Loss = "nll",
@@ -131,13 +131,13 @@ def fit(
             set, which a held-out fraction has already shuffled): the NLL of 20,000 rows has a
             standard error of under 1% of the data's standard deviation of log q, and checking
             200,000 rows after every step would cost more than training. ``None``: all rows.
-            For a flow with a continuous transform (:class:`~pyroflows.CNF`) the default is
-            2,000 rows (:data:`CONTINUOUS_VALID_ROWS`): each is an ODE solve there.
+            ``"auto"`` (default): 20,000, or 2,000 (:data:`CONTINUOUS_VALID_ROWS`) for a flow
+            with a continuous transform (:class:`~pyroflows.CNF`), where each is an ODE solve.
         eval_every: steps between validations (default: about 40 per run, but never fewer
             training rows between two validations than validation rows, so that validating
             costs at most about a third of training; with ``loss="flow_matching"``,
             ``20 (dim + 2)`` training rows per validation row, since validating solves the ODE
-            with the exact trace and training does not).
+            with the exact trace and training does not, but at least 5 validations per run).
         patience: stop after this many validations without improvement (default: never).
         clip_grad: maximum gradient norm (``None``: no clipping).
         device: train there (``"cuda"``); the flow stays there afterwards. Data up to 1 GiB moves
@@ -214,10 +214,11 @@ def fit(
     check_nonnegative_int("warmup", warmup)
     if dequantize is not None:
         check_positive_int("dequantize", dequantize)
+    if valid_rows == "auto":
+        continuous = any(isinstance(m, CNF) for m in flow.modules())
+        valid_rows = CONTINUOUS_VALID_ROWS if continuous else VALID_ROWS
     check_run(eval_every, patience, valid_rows, checkpoint, resume)
     objective = _loss(flow, loss)
-    if valid_rows == VALID_ROWS and any(isinstance(m, CNF) for m in flow.modules()):
-        valid_rows = CONTINUOUS_VALID_ROWS
 
     params = list(flow.parameters())
     dtype = params[0].dtype if params else torch.get_default_dtype()

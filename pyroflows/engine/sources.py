@@ -348,6 +348,9 @@ def default_eval_every(total: int, valid: Chunks | None, batch_size: int, cost: 
     """About 40 validations per run, but never fewer training rows between two validations than
     validation rows: validation (a forward pass) then costs at most about a third of training.
     ``cost``: what validating one row costs against training on one (a loss's
-    ``validation_cost``), which multiplies the validation rows in that rule."""
+    ``validation_cost``), which multiplies the validation rows in that rule; an expensive
+    validation (``cost > 1``) still runs at least 5 times per run, so that early stopping and
+    the best state have something to go on."""
     least = math.ceil(valid.size * cost / batch_size) if valid is not None else 1
-    return max(1, total // 40, least)
+    every = max(1, total // 40, least)
+    return min(every, max(1, total // 5)) if cost > 1 else every

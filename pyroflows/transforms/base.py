@@ -13,6 +13,7 @@ produce (:func:`has_inverse`).
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import torch
@@ -315,8 +316,7 @@ def _drawn(module: FlowTransform, x: torch.Tensor, context) -> tuple:
     if module.deferred_log_det and not torch.is_grad_enabled():
         module._check_event(x, "input")
         resolved = module._resolve_context(context)
-        y = module._forward_values(x, resolved)
-        return y, lambda: module._forward_and_log_det(x, resolved)[1]
+        return module._forward_values(x, resolved), module._deferred_log_det(x, resolved)
     return module.forward_and_log_det(x, context)
 
 
@@ -559,6 +559,11 @@ class FlowTransform(_FusedCalls, TransformModule, ConditionalTransform):
     def _forward_values(self, x: torch.Tensor, context) -> torch.Tensor:
         """``y = f(x)`` alone (what a transform with :attr:`deferred_log_det` implements)."""
         return self._forward_and_log_det(x, context)[0]
+
+    def _deferred_log_det(self, x: torch.Tensor, context) -> Callable[[], torch.Tensor]:
+        """A function computing ``log|det ∂y/∂x|`` of a drawn ``x`` later (a transform with
+        options that matter, such as a solver's, captures them now)."""
+        return lambda: self._forward_and_log_det(x, context)[1]
 
     @property
     def sign(self) -> int:

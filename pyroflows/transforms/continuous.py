@@ -129,15 +129,21 @@ def _trace(
     v: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None, create_graph: bool
 ) -> torch.Tensor:
     """``tr(∂v/∂x)`` per point: exact (``noise is None``) or Hutchinson's ``εᵀ (∂v/∂x) ε``."""
+    # A field that does not read x (a pure drift) has a zero Jacobian.
+    zero = x.new_zeros(x.shape[:-1])
+    if not v.requires_grad:
+        return zero
     if noise is not None:
-        (vjp,) = torch.autograd.grad(v, x, noise, create_graph=create_graph)
-        return (vjp * noise).sum(-1)
+        (vjp,) = torch.autograd.grad(v, x, noise, create_graph=create_graph, allow_unused=True)
+        return zero if vjp is None else (vjp * noise).sum(-1)
     dim = x.shape[-1]
     # One batched call computes the dim rows eᵢᵀ ∂v/∂x (vmap over the backward pass).
     basis = torch.eye(dim, dtype=x.dtype, device=x.device)
     basis = basis.reshape(dim, *([1] * (x.dim() - 1)), dim).expand(dim, *x.shape)
-    (rows,) = torch.autograd.grad(v, x, basis, create_graph=create_graph, is_grads_batched=True)
-    return rows.diagonal(dim1=0, dim2=-1).sum(-1)
+    (rows,) = torch.autograd.grad(
+        v, x, basis, create_graph=create_graph, is_grads_batched=True, allow_unused=True
+    )
+    return zero if rows is None else rows.diagonal(dim1=0, dim2=-1).sum(-1)
 
 
 class _Dynamics(nn.Module):
@@ -150,13 +156,19 @@ class _Dynamics(nn.Module):
         self.evaluations = 0
 
     def forward(self, t: torch.Tensor, state):
-        self.evaluations += 1
         x = state[0]
         if not self.with_trace:
+            self.evaluations += 1
             return (self.field(x, t, self.context),)
+        if torch.is_inference_mode_enabled():
+            # The trace needs autograd, which inference mode switches off: step out of it for
+            # this evaluation, at a copy of the point (inference tensors cannot be recorded).
+            with torch.inference_mode(False), torch.no_grad():
+                return self.forward(t.clone(), tuple(s.clone() for s in state))
         # Graphs are kept when gradients are recorded: training without the adjoint, and the
         # adjoint's backward solve (which differentiates these outputs again).
         create_graph = torch.is_grad_enabled()
+        self.evaluations += 1
         with torch.enable_grad():
             # Without gradients recorded (evaluation, or the adjoint's forward solve, whose
             # state may still claim requires_grad), differentiate at a detached copy.
@@ -281,6 +293,10 @@ class CNF(FlowTransform):
     def options(self, **options: Any) -> Iterator[CNF]:
         """Change ``solver``, ``atol``, ``rtol``, ``steps``, ``trace`` or ``adjoint`` for a block.
 
+        The options are the module's attributes: inside the block, every use of the module
+        (from any thread) sees the changed ones. A sample drawn inside the block keeps them for
+        its deferred log-determinant.
+
         Example:
             >>> import torch
             >>> from pyroflows.transforms import CNF
@@ -294,8 +310,8 @@ class CNF(FlowTransform):
         if unknown:
             raise TypeError(f"CNF.options: unexpected option {unknown[0]!r}; expected {_OPTIONS}")
         saved = {name: getattr(self, name) for name in options}
-        self._set_options(**options)
-        try:
+        try:  # restored even when a later option is refused
+            self._set_options(**options)
             yield self
         finally:
             for name, value in saved.items():
@@ -332,7 +348,14 @@ class CNF(FlowTransform):
 
         kwargs: dict[str, Any] = {"method": self.solver}
         if self.solver in FIXED_SOLVERS:
-            kwargs["options"] = {"step_size": 1.0 / self.steps}
+            # steps + 1 grid points over the span, exactly (a step size of 1 / steps rounds to
+            # an extra, tiny step for some counts)
+            n = self.steps + 1
+
+            def grid(func, y0, t):
+                return torch.linspace(t[0], t[-1], n, dtype=t.dtype, device=t.device)
+
+            kwargs["options"] = {"grid_constructor": grid}
         else:
             kwargs.update(atol=self.atol, rtol=self.rtol)
         if self.adjoint and torch.is_grad_enabled():
@@ -365,6 +388,15 @@ class CNF(FlowTransform):
     def _forward_and_log_det(self, x, context):
         return self._solve(x, context, reverse=False)
 
+    def _deferred_log_det(self, x, context):
+        options = {name: getattr(self, name) for name in _OPTIONS}
+
+        def log_det() -> torch.Tensor:  # with the options the sample was drawn with
+            with self.options(**options):
+                return self._forward_and_log_det(x, context)[1]
+
+        return log_det
+
     def _forward_values(self, x, context):
         x, context = self._bind(x, context)
         ends = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
@@ -386,16 +418,21 @@ class CNF(FlowTransform):
         times: torch.Tensor | Sequence[float] | int = 33,
         context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The points ``x(t)`` along the flow from ``x(0) = x``, without the log-determinant.
+        """The points ``x(t)`` along the flow, without the log-determinant.
+
+        ``x`` is the point at ``t = 0`` (base side) when ``times`` increase, and at ``t = 1``
+        (data side) when they decrease; ``times`` need not include that end.
 
         Args:
-            x: starting points ``(*batch, dim)`` (base samples, to see samples being made).
-            times: the times to report, increasing or decreasing in ``[0, 1]`` (decreasing from
-                ``1``: data to base), or a number of evenly spaced times from 0 to 1.
+            x: starting points ``(*batch, dim)``: base samples (increasing times), to see
+                samples being made, or data (decreasing times), to see them carried to the base.
+            times: the times to report, increasing or decreasing in ``[0, 1]``, or a number of
+                evenly spaced times from 0 to 1.
             context: ``(*batch, context_dim)`` for a conditional flow.
 
         Returns:
-            ``(len(times), *batch, dim)``; the last entry from ``times = 1`` is ``f(x)``.
+            ``(len(times), *batch, dim)``; with increasing times ending at 1, the last entry is
+            ``f(x)``.
 
         Example:
             >>> import torch
@@ -416,7 +453,10 @@ class CNF(FlowTransform):
             raise ValueError(
                 f"times: expected strictly increasing or decreasing times; got {times.tolist()}"
             )
-        return self._values(x, context, times)
+        start = 0.0 if steps[0] > 0 else 1.0
+        if times[0] == start:
+            return self._values(x, context, times)
+        return self._values(x, context, torch.cat([times.new_tensor([start]), times]))[1:]
 
     def extra_repr(self) -> str:
         extra = f"dim={self.dim}, solver={self.solver!r}, trace={self.trace!r}"

@@ -166,7 +166,9 @@ def test_bad_uses_are_refused_clearly():
     before = {k: v.clone() for k, v in flow.state_dict().items()}
     with pytest.raises(ValueError, match=r"compile: NegativeLogLikelihood: the step solves"):
         pf.fit(flow, data, compile=True, progress=False)  # maximum likelihood: an ODE per step
-    with pytest.raises(ValueError, match=r"compile: ReverseKL: .*loss='flow_matching'"):
+    with pytest.raises(ValueError, match=r"compile: NegativeLogLikelihood: .*'flow_matching'"):
+        pf.fit(flow, data, compile=True, progress=False)
+    with pytest.raises(ValueError, match=r"compile: ReverseKL: .*compile=False$"):
         pf.infer.fit_target(flow, lambda z: -z.square().sum(-1), compile=True, progress=False)
     assert all(torch.equal(before[k], v) for k, v in flow.state_dict().items())
 
@@ -191,6 +193,12 @@ def test_bad_uses_are_refused_clearly():
         FlowMatching(small_cnf(), coupling="sinkhorn")
     with pytest.raises(ValueError, match=r"coupling=.ot. .* conditional"):
         FlowMatching(pf.CNF(2, context_dim=1), coupling="ot")
+    with pytest.raises(ValueError, match=r"context_dim=1 and needs a context"):
+        FlowMatching(pf.CNF(2, context_dim=1))(data)  # called directly, without fit's checks
+    with pytest.raises(ValueError, match=r"unconditional"):
+        FlowMatching(small_cnf())(data, torch.zeros(len(data), 1))
+    with pytest.raises(ValueError, match=r"expected a batch of rows \(n, dim\)"):
+        FlowMatching(small_cnf(), coupling="ot")(data.reshape(2, -1, 2))
     flow = small_cnf()
     before = {k: v.clone() for k, v in flow.state_dict().items()}
     bad = data.clone()
@@ -226,3 +234,26 @@ def test_another_fixed_base_is_the_source_a_learnable_one_is_refused_no_ot_cuda_
     step = pf.engine.Step(FlowMatching(small_cnf(), coupling="ot"), opt, compile=True)
     step._prepare_capture(torch.device("cuda"))  # the decision alone: nothing runs there
     assert step._capture is False
+
+
+def test_an_expensive_validation_still_runs_several_times_and_valid_rows_is_honoured():
+    data = gaussian_data(4096)
+    flow = pf.CNF(2, hidden=(8,))
+    history = pf.fit(flow, data, steps=100, loss="flow_matching", **{**RUN, "batch_size": 64})
+    # 410 validation rows at 80 training rows each would be one validation per 512 steps
+    assert len(history.valid_steps) >= 5
+    from pyroflows.engine import sources
+
+    calls = []
+    original = sources.validation_chunks
+    try:
+        sources_chunks = pf.train.validation_chunks
+        pf.train.validation_chunks = lambda v, rows, *a: (
+            calls.append(rows) or sources_chunks(v, rows, *a)
+        )
+        pf.fit(small_cnf(), data, steps=2, loss="flow_matching", **RUN)
+        pf.fit(small_cnf(), data, steps=2, loss="flow_matching", valid_rows=20_000, **RUN)
+        pf.fit(pf.MAF(2, layers=1), data, steps=2, **RUN)
+    finally:
+        pf.train.validation_chunks = original
+    assert calls == [2000, 20_000, 20_000]  # "auto": 2,000 for a continuous flow

@@ -291,3 +291,72 @@ def test_sampling_without_gradients_defers_the_trace_until_log_prob_is_asked():
     # with gradients, sampling integrates the trace with the path, as the ELBO needs
     y = d.rsample((4,))
     assert calls[-1] is False and d.log_prob(y).requires_grad
+
+
+def test_paths_from_any_times_start_at_the_right_end():
+    t = perturbed(CNF(2, hidden=(16,), solver="rk4", steps=16))
+    x = torch.randn(5, 2)
+    with torch.no_grad():
+        full = t.path(x, times=[0.0, 0.5, 1.0])
+        torch.testing.assert_close(t.path(x, times=[0.5, 1.0]), full[1:])  # x is x(0)
+        back = t.path(full[-1], times=[1.0, 0.5, 0.0])
+        torch.testing.assert_close(t.path(full[-1], times=[0.5, 0.0]), back[1:])  # x is x(1)
+
+
+def test_a_refused_option_leaves_the_others_as_they_were():
+    t = CNF(2)
+    with pytest.raises(ValueError, match="steps"), t.options(trace="exact", steps=0):
+        pass
+    assert (t.trace, t.steps) == ("auto", 32)
+
+
+def test_inference_mode_scores_as_no_grad_does():
+    flow = pf.CNF(2, hidden=(16,), solver="rk4", steps=8)
+    perturbed(flow.transform)
+    y = torch.randn(7, 2)
+    with torch.no_grad():
+        expected = flow().log_prob(y)
+    with torch.inference_mode():
+        got = flow().log_prob(y)
+        samples = flow().sample((3,))
+    torch.testing.assert_close(got, expected)
+    assert samples.shape == (3, 2)
+
+
+@pytest.mark.parametrize("steps", [49, 61, 98])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fixed_step_solvers_take_exactly_their_steps(steps, dtype):
+    t = CNF(2, hidden=(4,), solver="rk4", steps=steps).to(dtype)
+    t.forward_and_log_det(torch.randn(3, 2, dtype=dtype))
+    assert t.evaluations == 4 * steps
+
+
+def test_a_field_that_ignores_x_has_a_zero_trace():
+    class Drift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.b = nn.Parameter(torch.tensor([1.0, -2.0]))
+
+        def forward(self, x, t, context=None):
+            return self.b.expand_as(x)
+
+    t = CNF(2, field=Drift())
+    for trace in ("exact", "hutchinson"):
+        with t.options(trace=trace):
+            y, ladj = t.forward_and_log_det(torch.zeros(3, 2))
+        torch.testing.assert_close(y, torch.tensor([[1.0, -2.0]]).expand(3, 2))
+        assert torch.equal(ladj, torch.zeros(3))
+
+
+def test_a_deferred_log_det_uses_the_options_the_sample_was_drawn_with():
+    flow = pf.CNF(20, hidden=(16,), solver="rk4", steps=32)  # Hutchinson by default at 20-D
+    perturbed(flow.transform)
+    d = flow()
+    with flow.options(trace="exact"):
+        samples = d.sample((5,))
+    with torch.no_grad():
+        scored = d.log_prob(samples)
+        with exact_trace(flow):
+            exact = flow().log_prob(samples.clone())  # by the inverse solve
+    # the discretisation's difference between the two solves; Hutchinson's would be nats
+    torch.testing.assert_close(scored, exact, atol=1e-3, rtol=1e-4)
