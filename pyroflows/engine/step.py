@@ -160,12 +160,7 @@ class Step:
         return loss
 
     def _prepare_capture(self, device: torch.device | None) -> None:
-        self._capture = (
-            self.compile is True
-            and device is not None
-            and device.type == "cuda"
-            and self.loss.capturable
-        )
+        self._capture = self.compile is True and device is not None and device.type == "cuda"
         if not self._capture:
             return
         for group in self.optimizer.param_groups:

@@ -219,21 +219,33 @@ class ShiftedBase(torch.nn.Module):
         return dist.Normal(self.loc, 0.5).to_event(1)
 
 
-def test_another_fixed_base_is_the_source_a_learnable_one_is_refused_no_ot_cuda_graphs():
+def test_another_fixed_base_is_the_source_and_a_learnable_one_is_refused():
     torch.manual_seed(0)
     flow = pf.CNF(2, hidden=(8,), base=ShiftedBase())
-    x0 = FlowMatching(flow)._source(torch.zeros(4000, 2), None)
+    x0, t = FlowMatching(flow).draw(torch.zeros(4000, 2))
     torch.testing.assert_close(x0.mean(0), torch.full((2,), 3.0), atol=0.05, rtol=0)
+    assert t.shape == (4000,) and 0 <= t.min() and t.max() <= 1
     history = pf.fit(flow, gaussian_data(512), steps=10, loss="flow_matching", **RUN)
     assert all(torch.isfinite(torch.tensor(history.train_loss)))
     learnable = pf.CNF(2, hidden=(8,), base="diag_normal")
     with pytest.raises(ValueError, match=r"base has trainable parameters \(loc, "):
         pf.fit(learnable, gaussian_data(512), loss="flow_matching", progress=False)
-    assert FlowMatching(small_cnf()).capturable
-    opt = torch.optim.Adam(flow.parameters())
-    step = pf.engine.Step(FlowMatching(small_cnf(), coupling="ot"), opt, compile=True)
-    step._prepare_capture(torch.device("cuda"))  # the decision alone: nothing runs there
-    assert step._capture is False
+
+
+def test_the_draws_are_inputs_of_the_step_so_a_compiled_ot_step_holds_arithmetic_alone():
+    data = gaussian_data(256)
+    loss = FlowMatching(small_cnf(), coupling="ot")
+    batch = pf.engine.Batch(rows=(data,), index=torch.arange(256), size=256)
+    x, context, x0, t = loss.inputs(batch)
+    assert x is data and context is None and x0.shape == (256, 2) and t.shape == (256,)
+    torch.testing.assert_close(x0[_ot_assignment(x0, x)], x0)  # already paired optimally
+    # the same draws give the same loss, drawn inside or handed in
+    torch.manual_seed(5)
+    inside = loss(data)
+    torch.manual_seed(5)
+    torch.testing.assert_close(loss(data, None, *loss.draw(data)), inside)
+    history = pf.fit(loss.flow, data, steps=30, loss=loss, compile=True, **RUN)
+    assert all(torch.isfinite(torch.tensor(history.train_loss)))
 
 
 def test_an_expensive_validation_still_runs_several_times_and_valid_rows_is_honoured():
