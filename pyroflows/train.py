@@ -57,7 +57,7 @@ from .engine.sources import (
 )
 from .flows import Flow
 from .io import can_save, save
-from .transforms.continuous import CNF
+from .transforms.continuous import continuous_transforms
 
 __all__ = ["History", "TrainStep", "TrainingDiverged", "fit"]
 
@@ -215,10 +215,9 @@ def fit(
     if dequantize is not None:
         check_positive_int("dequantize", dequantize)
     if valid_rows == "auto":
-        continuous = any(isinstance(m, CNF) for m in flow.modules())
-        valid_rows = CONTINUOUS_VALID_ROWS if continuous else VALID_ROWS
+        valid_rows = CONTINUOUS_VALID_ROWS if continuous_transforms(flow) else VALID_ROWS
     check_run(eval_every, patience, valid_rows, checkpoint, resume)
-    objective = _loss(flow, loss)
+    loss = _loss(flow, loss)
 
     params = list(flow.parameters())
     dtype = params[0].dtype if params else torch.get_default_dtype()
@@ -236,7 +235,6 @@ def fit(
     prepare, valid_set = _dequantization(dequantize, train_rows, valid_set, generator, dtype)
 
     flow.to(device)
-    loss = objective
     shard = shard_of(group)
     source = Batches(train_rows, batch_size, generator, device, bool(compile), prepare, shard)
     total = epochs * source.steps_per_epoch if epochs is not None else (steps or DEFAULT_STEPS)

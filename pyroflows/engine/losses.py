@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from ..bases import StandardNormal
-from ..transforms.continuous import CNF, exact_trace
+from ..transforms.continuous import CNF, continuous_transforms, exact_trace
 from .checkpoint import name_of
 from .sources import Batch, Batches, describe
 
@@ -131,19 +131,15 @@ class Loss:
         raise NotImplementedError
 
 
-def solves_odes(module: nn.Module, data: bool = False) -> str | None:
+def solves_odes(module: nn.Module, hint: str = "") -> str | None:
     """Why a step through ``module`` cannot be compiled when it holds a continuous flow (the
-    step then solves its ODE), or ``None``; ``data``: the loss fits data, which flow matching
-    could do instead."""
-    if not any(isinstance(m, CNF) for m in module.modules()):
+    step then solves its ODE), or ``None``; ``hint`` is appended (what to do instead)."""
+    if not continuous_transforms(module):
         return None
-    reason = (
+    return (
         "the step solves a continuous flow's ODE, which torch.compile cannot trace (the "
         "adaptive solver steers its steps from the host, and the trace needs a second "
-        "backward pass, which compiled graphs do not support); use compile=False"
-    )
-    return reason + (
-        ", or train by flow matching (loss='flow_matching'), whose steps compile" if data else ""
+        "backward pass, which compiled graphs do not support); use compile=False" + hint
     )
 
 
@@ -151,12 +147,14 @@ class _FlowLoss(Loss):
     """A loss whose parameters are a flow's (its ``state_dict`` is the state)."""
 
     what = "the flow"
+    #: what to do instead of compiling a step that solves a continuous flow's ODE
+    compile_hint = ""
 
     def __init__(self, flow: nn.Module) -> None:
         self.flow = self.module = flow
         # Listed once: the step clips over them and the guard checks them every step.
         self._params = [p for p in flow.parameters() if p.requires_grad]
-        self.not_compilable = solves_odes(flow, data=isinstance(self, NegativeLogLikelihood))
+        self.not_compilable = solves_odes(flow, self.compile_hint)
 
     def parameters(self) -> list[torch.Tensor]:
         return self._params
@@ -201,13 +199,14 @@ class NegativeLogLikelihood(_FlowLoss):
 
     label = "train"
     advice = "Try a lower lr, gradient clipping (clip_grad) or standardised data."
+    compile_hint = ", or train by flow matching (loss='flow_matching'), whose steps compile"
 
     @property
     def validation_cost(self) -> float:
         """1, except for a continuous flow trained with Hutchinson's estimate and validated
         with the exact trace: ``dim`` vector-Jacobian products per evaluation against one
         (and its backward), about ``dim / 4`` times a training row."""
-        costs = [m.dim / 4 for m in self.flow.modules() if isinstance(m, CNF) and not m.exact_trace]
+        costs = [m.dim / 4 for m in continuous_transforms(self.flow) if not m.exact_trace]
         return max([1.0, *costs])
 
     def inputs(self, batch: Batch) -> tuple:
@@ -373,9 +372,8 @@ class FlowMatching(_FlowLoss):
                 + ("" if chain is None else f" with transforms {[type(t).__name__ for t in chain]}")
                 + ". Flows of other kinds train by maximum likelihood (loss='nll')"
             )
-        if isinstance(sigma_min, bool) or not isinstance(sigma_min, (int, float)):
-            raise ValueError(f"sigma_min: expected a number in [0, 1); got {sigma_min!r}")
-        if not 0 <= sigma_min < 1:
+        number = isinstance(sigma_min, (int, float)) and not isinstance(sigma_min, bool)
+        if not (number and 0 <= sigma_min < 1):
             raise ValueError(f"sigma_min: expected a number in [0, 1); got {sigma_min!r}")
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling: expected one of {COUPLINGS}; got {coupling!r}")

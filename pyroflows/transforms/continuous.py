@@ -41,6 +41,7 @@ __all__ = [
     "FIXED_SOLVERS",
     "TRACES",
     "VelocityField",
+    "continuous_transforms",
     "exact_trace",
 ]
 
@@ -484,7 +485,18 @@ def exact_trace(module: nn.Module) -> Iterator[None]:
         'exact'
     """
     with contextlib.ExitStack() as stack:
-        for m in module.modules():
-            if isinstance(m, CNF):
-                stack.enter_context(m.options(trace="exact"))
+        for m in continuous_transforms(module):
+            stack.enter_context(m.options(trace="exact"))
         yield
+
+
+def continuous_transforms(module: nn.Module) -> list[CNF]:
+    """The continuous flows (:class:`CNF` transforms) inside ``module``, in module order.
+
+    Example:
+        >>> import pyroflows as pf
+        >>> from pyroflows.transforms.continuous import continuous_transforms
+        >>> len(continuous_transforms(pf.CNF(dim=2))), len(continuous_transforms(pf.MAF(2)))
+        (1, 0)
+    """
+    return [m for m in module.modules() if isinstance(m, CNF)]

@@ -248,24 +248,20 @@ def test_the_draws_are_inputs_of_the_step_so_a_compiled_ot_step_holds_arithmetic
     assert all(torch.isfinite(torch.tensor(history.train_loss)))
 
 
-def test_an_expensive_validation_still_runs_several_times_and_valid_rows_is_honoured():
+def test_an_expensive_validation_still_runs_several_times_and_valid_rows_is_honoured(
+    monkeypatch,
+):
     data = gaussian_data(4096)
     flow = pf.CNF(2, hidden=(8,))
     history = pf.fit(flow, data, steps=100, loss="flow_matching", **{**RUN, "batch_size": 64})
     # 410 validation rows at 80 training rows each would be one validation per 512 steps
     assert len(history.valid_steps) >= 5
-    from pyroflows.engine import sources
-
     calls = []
-    original = sources.validation_chunks
-    try:
-        sources_chunks = pf.train.validation_chunks
-        pf.train.validation_chunks = lambda v, rows, *a: (
-            calls.append(rows) or sources_chunks(v, rows, *a)
-        )
-        pf.fit(small_cnf(), data, steps=2, loss="flow_matching", **RUN)
-        pf.fit(small_cnf(), data, steps=2, loss="flow_matching", valid_rows=20_000, **RUN)
-        pf.fit(pf.MAF(2, layers=1), data, steps=2, **RUN)
-    finally:
-        pf.train.validation_chunks = original
+    chunks = pf.train.validation_chunks
+    monkeypatch.setattr(
+        pf.train, "validation_chunks", lambda v, rows, *a: calls.append(rows) or chunks(v, rows, *a)
+    )
+    pf.fit(small_cnf(), data, steps=2, loss="flow_matching", **RUN)
+    pf.fit(small_cnf(), data, steps=2, loss="flow_matching", valid_rows=20_000, **RUN)
+    pf.fit(pf.MAF(2, layers=1), data, steps=2, **RUN)
     assert calls == [2000, 20_000, 20_000]  # "auto": 2,000 for a continuous flow
