@@ -340,8 +340,7 @@ class CNF(FlowTransform):
             torch.Size([4, 2])
         """
         self._check_event(x, "input")
-        context = self._resolve_context(context)
-        x = expand_to_context(x, context, type(self).__name__)
+        x, context = self._bind(x, self._resolve_context(context))
         return self.field(x, t, context)
 
     def _odeint(self, dynamics: _Dynamics, state: tuple, times: torch.Tensor) -> tuple:
